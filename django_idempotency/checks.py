@@ -1,0 +1,39 @@
+"""System checks for django-idempotency's settings and database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core import checks
+
+
+def register() -> None:
+    checks.register(check_database, checks.Tags.database)
+
+
+def check_database(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    from django.db import connections, router
+
+    from django_idempotency.models import IdempotencyKey
+
+    messages: list[checks.CheckMessage] = []
+    alias = router.db_for_write(IdempotencyKey)
+    if databases is None or alias not in databases:
+        return messages
+    connection = connections[alias]
+    if not connection.features.has_select_for_update:
+        messages.append(
+            checks.Warning(
+                f"The database '{alias}' that stores idempotency keys ({connection.vendor}) has "
+                "no row locks: requests are serialised by its database-wide write lock.",
+                hint=(
+                    "Fine for development and small sites. In production use PostgreSQL or "
+                    "MariaDB/MySQL. On SQLite, set OPTIONS={'transaction_mode': 'IMMEDIATE'} "
+                    "so concurrent requests queue for the write lock instead of failing."
+                ),
+                id="django_idempotency.W001",
+            )
+        )
+    return messages

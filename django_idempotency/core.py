@@ -1,0 +1,493 @@
+"""The framework-neutral engine: read the key, fingerprint the request, claim, store, replay.
+
+Adapters (the decorator, the DRF mixin) only translate between their framework and
+:class:`Execution`; every decision about a request is made here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl
+
+from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
+from django.db import connections
+from django.http import HttpRequest, HttpResponse
+from django.http.multipartparser import MultiPartParserError
+from django.http.response import HttpResponseBase
+
+from django_idempotency.conf import conf, get_fingerprint_function, get_scope_function, get_store
+from django_idempotency.exceptions import (
+    IdempotencyError,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMismatch,
+    IdempotencyKeyMissing,
+    IdempotencyResponseNotStored,
+    RequestInvalid,
+    StoreUnavailable,
+)
+from django_idempotency.stores import ClaimRequest, KeyLocked, Record, Store, StoredResponse
+
+logger = logging.getLogger("django_idempotency")
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+MAX_KEY_LENGTH = 255
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+# Never stored, never replayed: cookies belong to the first caller's session, hop-by-hop
+# headers to its connection, and Date to the moment of the first answer.
+NEVER_STORED_HEADERS = frozenset(
+    {
+        "set-cookie",
+        "date",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        REPLAYED_HEADER.lower(),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-view options; ``None`` means "use the setting"."""
+
+    required: bool | None = None
+    ttl: timedelta | None = None
+    methods: Iterable[str] | None = None
+    atomic: bool | None = None
+    wait: timedelta | None = None
+
+    @property
+    def covered_methods(self) -> frozenset[str]:
+        methods = conf.IDEMPOTENCY_METHODS if self.methods is None else self.methods
+        return frozenset(method.upper() for method in methods) - SAFE_METHODS
+
+
+# -- The key, the scope and the fingerprint ------------------------------------------------
+
+
+def parse_key(raw: str) -> str:
+    """The key named by an ``Idempotency-Key`` header value.
+
+    Accepts a Structured Field string (``"abc"``, as the IETF draft says) or a bare value
+    (``abc``, as Stripe's clients send it). Raises :class:`IdempotencyKeyInvalid` for an empty,
+    over-long or non-printable value, and for more than one value (repeated headers arrive
+    joined by commas).
+    """
+    value = raw.strip(" \t")
+    if value.startswith('"'):
+        key = _parse_sf_string(value)
+    else:
+        key = value
+        if "," in key or not _printable(key):
+            raise IdempotencyKeyInvalid()
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise IdempotencyKeyInvalid()
+    return key
+
+
+def _parse_sf_string(value: str) -> str:
+    chars: list[str] = []
+    index = 1
+    while index < len(value):
+        char = value[index]
+        if char == "\\":
+            index += 1
+            if index == len(value) or value[index] not in '"\\':
+                raise IdempotencyKeyInvalid()
+            chars.append(value[index])
+        elif char == '"':
+            if index != len(value) - 1:  # parameters, or a second value
+                raise IdempotencyKeyInvalid()
+            return "".join(chars)
+        elif not _printable(char):
+            raise IdempotencyKeyInvalid()
+        else:
+            chars.append(char)
+        index += 1
+    raise IdempotencyKeyInvalid()  # no closing quote
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= char <= "~" for char in text)
+
+
+def user_scope(request: HttpRequest) -> str:
+    """The default ``IDEMPOTENCY_SCOPE``: ``user:<pk>`` when authenticated, else ``anonymous``."""
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return f"user:{user.pk}"
+    return "anonymous"
+
+
+def request_fingerprint(request: HttpRequest) -> str:
+    """The default ``IDEMPOTENCY_FINGERPRINT``: a SHA-256 of the request's meaning.
+
+    Covers the method, the path, the query string (order of parameters ignored, the order of
+    a repeated parameter's values kept) and the body. A JSON body is re-encoded canonically,
+    a form body's fields are sorted by name, a multipart body is read as fields and files, so
+    key order, whitespace, field order and the multipart boundary do not matter.
+    """
+    query = _sorted_pairs(parse_qsl(request.META.get("QUERY_STRING", ""), keep_blank_values=True))
+    head = json.dumps([request.method, request.path, query], ensure_ascii=False)
+    digest = hashlib.sha256(head.encode("utf-8", "surrogatepass"))
+    kind, body = _canonical_body(request)
+    digest.update(b"\0" + kind.encode() + b"\0")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def _sorted_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return sorted(pairs, key=lambda pair: pair[0])  # stable: a repeated name keeps its order
+
+
+def _canonical_body(request: HttpRequest) -> tuple[str, bytes]:
+    content_type = request.content_type or ""
+    try:
+        if content_type == "multipart/form-data":
+            return "multipart", _canonical_multipart(request)
+        body = request.body
+    except (SuspiciousOperation, MultiPartParserError) as exc:
+        # Over DATA_UPLOAD_MAX_MEMORY_SIZE or too many fields, or a broken multipart body:
+        # the view could not read it either.
+        raise RequestInvalid(str(exc)) from exc
+    if content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            data = json.loads(body)
+            text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return "raw", body  # not JSON after all: the view decides what to answer
+        return "json", text.encode("utf-8", "surrogatepass")
+    if content_type == "application/x-www-form-urlencoded":
+        text = body.decode("utf-8", "surrogateescape")
+        pairs = parse_qsl(text, keep_blank_values=True, errors="surrogateescape")
+        encoded = json.dumps(_sorted_pairs(pairs), ensure_ascii=True)
+        return "form", encoded.encode()
+    return "raw", body
+
+
+def _canonical_multipart(request: HttpRequest) -> bytes:
+    fields = [(name, value) for name in request.POST for value in request.POST.getlist(name)]
+    files = []
+    for name in request.FILES:
+        for upload in request.FILES.getlist(name):
+            digest = hashlib.sha256()
+            for chunk in upload.chunks():
+                digest.update(chunk)
+            upload.seek(0)
+            files.append((name, [upload.name, upload.content_type, digest.hexdigest()]))
+    return json.dumps([_sorted_pairs(fields), _sorted_pairs(files)]).encode()
+
+
+# -- Responses ------------------------------------------------------------------------------
+
+
+def error_response(exc: IdempotencyError) -> HttpResponse:
+    """The RFC 9457 problem+json response for an error of this layer. Never stored."""
+    response = HttpResponse(
+        json.dumps(exc.problem()),
+        status=exc.status_code,
+        content_type="application/problem+json",
+    )
+    for name, value in exc.headers.items():
+        response[name] = value
+    return response
+
+
+def replay_response(stored: StoredResponse) -> HttpResponse:
+    """The stored response, byte for byte, marked ``Idempotent-Replayed: true``."""
+    assert stored.body is not None
+    response = HttpResponse(stored.body, status=stored.status)
+    del response["Content-Type"]  # the stored headers carry the original one, if any
+    for name, value in stored.headers:
+        response[name] = value
+    response[REPLAYED_HEADER] = "true"
+    return response
+
+
+def _render(request: Any, response: HttpResponseBase) -> None:
+    """Render a lazily rendered response (a ``TemplateResponse``, a DRF ``Response``)."""
+    if getattr(response, "is_rendered", True):
+        return
+    # A DRF Response returned under @api_view has no renderer until DRF's view finalizes it;
+    # the request knows that view, and finalizing twice is harmless.
+    view = (getattr(request, "parser_context", None) or {}).get("view")
+    if view is not None and getattr(response, "accepted_renderer", None) is None:
+        view.finalize_response(request, response)
+    response.render()  # type: ignore[attr-defined]
+
+
+def _stored_response(response: HttpResponseBase) -> StoredResponse | None:
+    """What to store for a returned response; ``None`` when it must not be stored."""
+    if response.status_code >= 500 and not conf.IDEMPOTENCY_STORE_SERVER_ERRORS:
+        return None
+    headers = [
+        (name, value)
+        for name, value in response.items()
+        if name.lower() not in NEVER_STORED_HEADERS
+    ]
+    body: bytes | None = None
+    if not response.streaming:
+        content = response.content  # type: ignore[attr-defined]
+        if len(content) <= conf.IDEMPOTENCY_MAX_RESPONSE_SIZE:
+            body = bytes(content)
+    return StoredResponse(status=response.status_code, headers=headers, body=body)
+
+
+# -- One request's run -----------------------------------------------------------------------
+
+
+class _Discarded(Exception):
+    """Leaves the atomic mode's transaction so that it rolls back."""
+
+
+class Execution:
+    """One request's pass through the protocol, shared by every adapter.
+
+    Sync adapters use it as a context manager around the view (and, for DRF, around
+    ``dispatch``); the atomic mode's transaction lives inside it. Async adapters call
+    :meth:`begin`, :meth:`finish` and :meth:`abort` through ``sync_to_async``.
+
+    * :meth:`begin` returns ``None`` to run the view, or the response to send instead (a
+      replay); it raises :class:`IdempotencyError` for an answer of this layer.
+    * :meth:`finish` stores what the view returned (or rolls back / releases) and returns the
+      response to send.
+    * :meth:`fail` marks the view as having raised, where a framework turned the exception
+      into a response (DRF's ``handle_exception``): nothing is stored and the key is released.
+    """
+
+    def __init__(self, options: Options | None = None, *, is_async: bool = False) -> None:
+        self.options = options or Options()
+        self.is_async = is_async
+        self._claim: ClaimRequest | None = None
+        self._store: Store | None = None
+        self._transaction: ExitStack | None = None
+        self._heartbeat: _Heartbeat | None = None
+        self._failed = False
+        self._done = False
+
+    # Context manager: the sync adapters' way in and out.
+
+    def __enter__(self) -> Execution:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self._failed = True
+        self._close(exc)
+
+    # The protocol.
+
+    def begin(self, request: Any) -> HttpResponse | None:
+        options = self.options
+        if request.method not in options.covered_methods:
+            return None
+        raw_key = request.headers.get(conf.IDEMPOTENCY_HEADER)
+        if raw_key is None:
+            required = conf.IDEMPOTENCY_REQUIRED if options.required is None else options.required
+            if required:
+                raise IdempotencyKeyMissing()
+            return None
+        http_request = getattr(request, "_request", request)  # a DRF Request wraps Django's
+        key = parse_key(raw_key)
+        claim = ClaimRequest(
+            scope=_scope(request),
+            key=key,
+            fingerprint=get_fingerprint_function()(http_request),
+            method=http_request.method,
+            path=http_request.path[:2048],
+            token=uuid.uuid4().hex,
+            ttl=conf.IDEMPOTENCY_TTL if options.ttl is None else options.ttl,
+        )
+        store = get_store()
+        atomic = self._atomic_mode(store)
+        wait = conf.IDEMPOTENCY_WAIT if options.wait is None else options.wait
+        deadline = time.monotonic() + wait.total_seconds()
+        delay = 0.01
+        while True:
+            try:
+                replay = self._claim_once(store, claim, atomic=atomic)
+            except KeyLocked as locked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise IdempotencyKeyInProgress(retry_after=locked.retry_after) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.25)
+                continue
+            if replay is None:
+                self._claim, self._store = claim, store
+                if not atomic:
+                    self._heartbeat = _Heartbeat(store, claim, conf.IDEMPOTENCY_LOCK_TTL)
+            return replay
+
+    def finish(self, request: Any, response: HttpResponseBase) -> HttpResponseBase:
+        if self._claim is None or self._done:
+            return response
+        if self._failed:
+            self._close(None)
+            return response
+        try:
+            _render(request, response)
+            stored = _stored_response(response)
+            if stored is None:
+                self._failed = True
+            else:
+                self._complete(stored)
+        except IdempotencyError as exc:
+            self._failed = True
+            self._close(exc)
+            return error_response(exc)
+        if self._transaction is None:
+            self._close(None)
+        return response
+
+    def fail(self) -> None:
+        self._failed = True
+
+    def abort(self) -> None:
+        """Release the claim after the view raised (the async adapters' ``__exit__``)."""
+        self._failed = True
+        self._close(None)
+
+    # Internals.
+
+    def _atomic_mode(self, store: Store) -> bool:
+        atomic = self.options.atomic
+        if atomic is None:
+            return store.supports_atomic and not self.is_async
+        if atomic and not store.supports_atomic:
+            raise ImproperlyConfigured(
+                f"{conf.IDEMPOTENCY_STORE} has no atomic mode; use atomic=False with it."
+            )
+        return atomic
+
+    def _claim_once(
+        self, store: Store, claim: ClaimRequest, *, atomic: bool
+    ) -> HttpResponse | None:
+        record = store.get(scope=claim.scope, key=claim.key)
+        if record is not None and record.live:
+            if record.completed:
+                return _replay(record, claim)
+            if record.fingerprint != claim.fingerprint:
+                raise IdempotencyKeyMismatch()
+            if record.lease_remaining is not None and record.lease_remaining > 0:
+                raise KeyLocked(retry_after=record.lease_remaining)
+        insert = record is None
+        if not atomic:
+            record = store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert)
+            return _decide(record, claim)
+        with ExitStack() as transaction:
+            record = transaction.enter_context(store.lock(claim, insert=insert))
+            replay = _decide(record, claim)
+            if replay is None:
+                self._transaction = transaction.pop_all()  # open until the view has finished
+            return replay
+
+    def _complete(self, stored: StoredResponse) -> None:
+        assert self._claim is not None and self._store is not None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if not self._store.complete(self._claim, stored):
+            # Only in the lease mode: our lease passed and another request took the key over
+            # (the heartbeat failed to renew it). Its record stands; ours is not written.
+            logger.warning(
+                "Idempotency key %r lost its lease before its response could be stored.",
+                self._claim.key,
+            )
+
+    def _close(self, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self._transaction is not None:
+            transaction, self._transaction = self._transaction, None
+            if exc is None and self._failed:
+                exc = _Discarded()
+            if exc is None:
+                transaction.close()
+            else:
+                transaction.__exit__(type(exc), exc, exc.__traceback__)
+        if self._failed and self._claim is not None and self._store is not None:
+            try:
+                self._store.release(self._claim)
+            except StoreUnavailable:
+                logger.exception("Could not release idempotency key %r.", self._claim.key)
+
+
+def _scope(request: Any) -> str:
+    scope = get_scope_function()(request)
+    if len(scope) > MAX_KEY_LENGTH:
+        scope = "sha256:" + hashlib.sha256(scope.encode()).hexdigest()
+    return scope
+
+
+def _decide(record: Record, claim: ClaimRequest) -> HttpResponse | None:
+    """What a record found by a claim means: ``None`` to run the view, else a replay."""
+    if record.owner_token == claim.token:
+        return None
+    if record.completed:
+        return _replay(record, claim)
+    if record.fingerprint != claim.fingerprint:
+        raise IdempotencyKeyMismatch()
+    raise KeyLocked(retry_after=record.lease_remaining or 1)
+
+
+def _replay(record: Record, claim: ClaimRequest) -> HttpResponse:
+    if record.fingerprint != claim.fingerprint:
+        raise IdempotencyKeyMismatch()
+    assert record.response is not None
+    if record.response.body is None:
+        raise IdempotencyResponseNotStored(original_status=record.response.status)
+    return replay_response(record.response)
+
+
+class _Heartbeat:
+    """Keeps a lease-mode claim alive while its view runs, so no retry can take it over."""
+
+    def __init__(self, store: Store, claim: ClaimRequest, lease: timedelta) -> None:
+        self._store, self._claim, self._lease = store, claim, lease
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idempotency-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = max(self._lease.total_seconds() / 3, 0.05)
+        try:
+            while not self._stopped.wait(interval):
+                try:
+                    if not self._store.renew(self._claim, lease=self._lease):
+                        return
+                except StoreUnavailable:
+                    logger.warning("Could not renew the lease of key %r.", self._claim.key)
+        finally:
+            connections.close_all()  # this thread's own connections only
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()

@@ -1,0 +1,105 @@
+"""``@idempotent`` for function-based views, sync and async: a thin shell over ``core``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from functools import wraps
+from typing import Any, TypeVar, overload
+
+from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.core.exceptions import ImproperlyConfigured
+
+from django_idempotency.core import Execution, Options, error_response
+from django_idempotency.exceptions import IdempotencyError
+
+ViewFunc = TypeVar("ViewFunc", bound=Callable[..., Any])
+
+
+@overload
+def idempotent(view_func: ViewFunc, /) -> ViewFunc: ...
+
+
+@overload
+def idempotent(
+    *,
+    required: bool | None = None,
+    ttl: timedelta | None = None,
+    methods: Iterable[str] | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+) -> Callable[[ViewFunc], ViewFunc]: ...
+
+
+def idempotent(
+    view_func: Callable[..., Any] | None = None,
+    /,
+    *,
+    required: bool | None = None,
+    ttl: timedelta | None = None,
+    methods: Iterable[str] | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+) -> Any:
+    """Run a view once per ``Idempotency-Key`` and replay its stored response to retries.
+
+    Use bare (``@idempotent``) or with options; each option left out (``None``) follows its
+    ``IDEMPOTENCY_*`` setting, read at request time:
+
+    * ``required``: answer 400 when a covered request has no key;
+    * ``ttl``: how long a finished key is replayed;
+    * ``methods``: the covered methods (safe methods are never covered);
+    * ``atomic``: run the view inside the transaction that locks the key and stores the
+      response (the default for sync views), or, with ``False``, in the lease mode with two
+      short transactions around it. Async views always use the lease mode;
+    * ``wait``: how long a duplicate waits for the first request to finish before it is
+      answered 409.
+
+    Under DRF's ``@api_view``, put ``@idempotent`` below it, so that the key is scoped to the
+    user DRF authenticated.
+    """
+    options = Options(required=required, ttl=ttl, methods=methods, atomic=atomic, wait=wait)
+
+    def decorator(view_func: Callable[..., Any]) -> Callable[..., Any]:
+        if iscoroutinefunction(view_func):
+            if atomic:
+                raise ImproperlyConfigured(
+                    f"@idempotent(atomic=True) cannot wrap the async view {view_func.__qualname__}: "
+                    "Django cannot hold a transaction open across an await. Leave atomic unset."
+                )
+
+            @wraps(view_func)
+            async def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
+                execution = Execution(options, is_async=True)
+                try:
+                    replay = await sync_to_async(execution.begin)(request)
+                except IdempotencyError as exc:
+                    return error_response(exc)
+                if replay is not None:
+                    return replay
+                try:
+                    response = await view_func(request, *args, **kwargs)
+                except BaseException:
+                    await sync_to_async(execution.abort)()
+                    raise
+                return await sync_to_async(execution.finish)(request, response)
+
+            return _view_wrapper
+
+        @wraps(view_func)
+        def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            with Execution(options) as execution:
+                try:
+                    replay = execution.begin(request)
+                except IdempotencyError as exc:
+                    return error_response(exc)
+                if replay is not None:
+                    return replay
+                response = view_func(request, *args, **kwargs)
+                return execution.finish(request, response)
+
+        return _view_wrapper
+
+    if view_func is not None:
+        return decorator(view_func)
+    return decorator

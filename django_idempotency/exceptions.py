@@ -1,0 +1,118 @@
+"""The errors a client can cause, each carrying what a problem+json renderer needs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.utils.translation import gettext_lazy as _
+
+
+class IdempotencyError(Exception):
+    """Base class: a request this layer answers itself, never running the view."""
+
+    status_code = 400
+    default_code = "idempotency_error"
+    default_title: Any = _("Idempotency error")
+    default_detail: Any = _("The request could not be processed idempotently.")
+
+    def __init__(self, detail: Any = None, *, retry_after: float | None = None) -> None:
+        self.detail = detail if detail is not None else self.default_detail
+        self.retry_after = retry_after
+        super().__init__(str(self.detail))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+    def problem(self) -> dict[str, Any]:
+        """The RFC 9457 problem details object for this error."""
+        return {
+            "type": f"tag:django-idempotency,2026:{self.default_code}",
+            "title": str(self.default_title),
+            "status": self.status_code,
+            "detail": str(self.detail),
+            "code": self.default_code,
+        }
+
+
+class IdempotencyKeyMissing(IdempotencyError):
+    status_code = 400
+    default_code = "idempotency_key_missing"
+    default_title = _("Idempotency key missing")
+    default_detail = _(
+        "This endpoint requires an Idempotency-Key header. Send a unique value, "
+        "such as a UUID, and reuse it when you retry the same request."
+    )
+
+
+class IdempotencyKeyInvalid(IdempotencyError):
+    status_code = 400
+    default_code = "idempotency_key_invalid"
+    default_title = _("Idempotency key invalid")
+    default_detail = _(
+        "The Idempotency-Key header must be a single value of 1 to 255 printable ASCII "
+        'characters, sent bare (abc) or as a quoted string ("abc").'
+    )
+
+
+class RequestInvalid(IdempotencyError):
+    status_code = 400
+    default_code = "idempotency_request_invalid"
+    default_title = _("Request body unreadable")
+    default_detail = _(
+        "The request body could not be read (it is too large, has too many fields or is a "
+        "malformed multipart body), so it cannot be checked against its idempotency key."
+    )
+
+
+class IdempotencyKeyInProgress(IdempotencyError):
+    status_code = 409
+    default_code = "idempotency_key_in_progress"
+    default_title = _("Request in progress")
+    default_detail = _(
+        "A request with this idempotency key is still being processed. Retry after the "
+        "time given in the Retry-After header to receive its response."
+    )
+
+
+class IdempotencyResponseNotStored(IdempotencyError):
+    status_code = 409
+    default_code = "idempotency_response_not_stored"
+    default_title = _("Response not stored")
+    default_detail = _(
+        "A request with this idempotency key was already processed, but its response was "
+        "streamed or too large to store, so it cannot be replayed. The operation will not "
+        "run again with this key; use a new key only if you mean to repeat it."
+    )
+
+    def __init__(self, detail: Any = None, *, original_status: int | None = None) -> None:
+        super().__init__(detail)
+        self.original_status = original_status
+
+    def problem(self) -> dict[str, Any]:
+        problem = super().problem()
+        problem["original_status"] = self.original_status
+        return problem
+
+
+class IdempotencyKeyMismatch(IdempotencyError):
+    status_code = 422
+    default_code = "idempotency_key_mismatch"
+    default_title = _("Idempotency key reused")
+    default_detail = _(
+        "This idempotency key was already used for a different request (its method, path, "
+        "query string or body differ). Use a new key for a new request."
+    )
+
+
+class StoreUnavailable(IdempotencyError):
+    status_code = 503
+    default_code = "idempotency_store_unavailable"
+    default_title = _("Idempotency store unavailable")
+    default_detail = _(
+        "The idempotency store cannot be reached, so the request was not processed. "
+        "Retry after the time given in the Retry-After header."
+    )

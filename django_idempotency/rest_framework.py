@@ -1,0 +1,102 @@
+"""``IdempotentMixin`` for DRF ``APIView``s and viewsets: a thin shell over ``core``.
+
+The only module that imports Django REST Framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from django.http import HttpResponse
+from django.http.response import HttpResponseBase
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from django_idempotency.core import Execution, Options, error_response
+from django_idempotency.exceptions import IdempotencyError
+
+__all__ = ["IdempotentMixin"]
+
+
+class _Replay(Exception):
+    """Carries a replayed response from ``initial()`` to ``handle_exception()``."""
+
+    def __init__(self, response: HttpResponse) -> None:
+        super().__init__("replay")
+        self.response = response
+
+
+class IdempotentMixin:
+    """Protect a DRF ``APIView`` or viewset with ``Idempotency-Key``.
+
+    List it before DRF's class: ``class OrderViewSet(IdempotentMixin, ModelViewSet)``. The key
+    is claimed in ``initial()``, after authentication, so the default scope is the user DRF
+    authenticated. Errors of this layer answer problem+json, as in plain Django views.
+
+    Per-view attributes (``None`` follows the ``IDEMPOTENCY_*`` setting): ``idempotency_required``,
+    ``idempotency_ttl``, ``idempotency_methods``, ``idempotency_atomic``, ``idempotency_wait``.
+    """
+
+    idempotency_required: bool | None = None
+    idempotency_ttl: timedelta | None = None
+    idempotency_methods: Iterable[str] | None = None
+    idempotency_atomic: bool | None = None
+    idempotency_wait: timedelta | None = None
+
+    _idempotency: Execution | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if APIView in mro and mro.index(APIView) < mro.index(IdempotentMixin):
+            bases = ", ".join(
+                base.__name__ for base in cls.__bases__ if base is not IdempotentMixin
+            )
+            raise TypeError(
+                f"{cls.__name__}: list IdempotentMixin before DRF's view class, as in "
+                f"class {cls.__name__}(IdempotentMixin, {bases})."
+            )
+
+    def get_idempotency_options(self) -> Options:
+        return Options(
+            required=self.idempotency_required,
+            ttl=self.idempotency_ttl,
+            methods=self.idempotency_methods,
+            atomic=self.idempotency_atomic,
+            wait=self.idempotency_wait,
+        )
+
+    def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        # The atomic mode's transaction, if any, opens inside the execution once initial()
+        # has claimed the key, and closes here when dispatch() is done.
+        with Execution(self.get_idempotency_options()) as execution:
+            self._idempotency = execution
+            return super().dispatch(request, *args, **kwargs)  # type: ignore[misc,no-any-return]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        assert self._idempotency is not None
+        replay = self._idempotency.begin(request)
+        if replay is not None:
+            raise _Replay(replay)
+
+    def handle_exception(self, exc: Exception) -> HttpResponseBase:
+        if isinstance(exc, _Replay):
+            return exc.response
+        if isinstance(exc, IdempotencyError):
+            return error_response(exc)
+        if self._idempotency is not None:
+            # The view raised (DRF turns most exceptions into responses): store nothing and
+            # free the key, so a corrected retry may reuse it.
+            self._idempotency.fail()
+        return super().handle_exception(exc)  # type: ignore[misc,no-any-return]
+
+    def finalize_response(
+        self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        if self._idempotency is None:
+            return response
+        return self._idempotency.finish(request, response)

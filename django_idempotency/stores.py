@@ -1,0 +1,336 @@
+"""Where keys live: how a key is claimed, locked, completed and released.
+
+A store knows nothing of HTTP. It keeps one record per (scope, key) and settles races between
+requests for the same key; ``core`` decides what each record means for the request at hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
+from django.db import transaction as db_transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models.constants import OnConflict
+from django.db.models.functions import Now
+from django.db.models.sql.subqueries import InsertQuery
+
+from django_idempotency.exceptions import StoreUnavailable
+from django_idempotency.models import IdempotencyKey
+
+IN_PROGRESS = IdempotencyKey.State.IN_PROGRESS.value
+COMPLETED = IdempotencyKey.State.COMPLETED.value
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A response as kept for replay. ``body`` is ``None`` when it could not be stored."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Record:
+    """A key's record as a store sees it at one moment."""
+
+    fingerprint: str
+    state: str
+    owner_token: str
+    response: StoredResponse | None
+    #: ``False`` once the key's TTL has passed (on the store's clock).
+    live: bool
+    #: Seconds left on an unfinished lease-mode request's lease; ``None`` when it has none.
+    lease_remaining: float | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.state == COMPLETED
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """What a store needs to claim a key for one request."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    method: str
+    path: str
+    token: str
+    ttl: timedelta
+
+
+class KeyLocked(Exception):
+    """Another live request holds the key; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float = 1.0) -> None:
+        super().__init__("The idempotency key is held by another request.")
+        self.retry_after = retry_after
+
+
+class Store(Protocol):
+    """How ``core`` talks to a store. A project's own store needs no base class.
+
+    The claim rule every store follows: insert the record if the key is absent; if it is
+    present and expired, or unfinished and abandoned (its lease passed, or in the atomic mode
+    its lock is free) with the same fingerprint, replace it with the caller's; otherwise leave
+    it. The caller owns the key when the returned record carries its token. Failures to reach
+    the store raise :class:`StoreUnavailable`; a key held by a live request may raise
+    :class:`KeyLocked`.
+    """
+
+    #: Whether :meth:`lock` is available (the atomic mode).
+    supports_atomic: bool
+
+    def get(self, *, scope: str, key: str) -> Record | None:
+        """The key's record, without locking it, or ``None``."""
+
+    def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
+        """Claim the key in the lease mode: a short write, fenced by ``claim.token``."""
+
+    def lock(self, claim: ClaimRequest, *, insert: bool = True) -> AbstractContextManager[Record]:
+        """Claim and lock the key for the atomic mode.
+
+        The context is a transaction that stays open while the view runs; leaving it with an
+        exception rolls back the view's writes together with the claim.
+        """
+
+    def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        """Store the response if the caller still owns the key; ``False`` if it does not."""
+
+    def release(self, claim: ClaimRequest) -> bool:
+        """Delete the caller's unfinished claim, so a retry may use the key again."""
+
+    def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
+        """Extend the caller's lease; ``False`` once the caller no longer owns the key."""
+
+
+def _lock_error(exc: DatabaseError) -> bool:
+    """Whether ``exc`` says a lock was not available (rather than the database being gone)."""
+    cause = exc.__cause__
+    if getattr(cause, "sqlstate", None) == "55P03":  # PostgreSQL lock_not_available
+        return True
+    args = getattr(cause, "args", ())
+    if args and args[0] in (1205, 3572):  # MySQL/MariaDB lock wait timeout, NOWAIT
+        return True
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+@contextmanager
+def _translate_errors() -> Iterator[None]:
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        if _lock_error(exc):
+            raise KeyLocked() from exc
+        raise StoreUnavailable(retry_after=1) from exc
+
+
+class DatabaseStore:
+    """Keys in the ``IdempotencyKey`` table, claimed by unique constraint and row locks.
+
+    The database alias is the router's choice for writing ``IdempotencyKey``; a subclass may
+    pin ``using``. Every deadline is compared with the database's own clock.
+    """
+
+    supports_atomic = True
+    using: str | None = None
+
+    def _alias(self) -> str:
+        return self.using or router.db_for_write(IdempotencyKey)
+
+    def _rows(self, alias: str) -> Any:
+        return IdempotencyKey.objects.using(alias).annotate(db_now=Now())
+
+    def get(self, *, scope: str, key: str) -> Record | None:
+        alias = self._alias()
+        with _translate_errors():
+            row = self._rows(alias).filter(scope=scope, key=key).first()
+        return None if row is None else _record(row)
+
+    def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
+        alias = self._alias()
+        with _translate_errors(), db_transaction.atomic(using=alias):
+            if insert:
+                self._insert(alias, claim, lease=lease)
+            return self._take(alias, claim, lease=lease)
+
+    @contextmanager
+    def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
+        alias = self._alias()
+        # With row locks, the claim is committed before the transaction starts: a concurrent
+        # duplicate then finds a committed row that it cannot lock (and answers at once)
+        # instead of waiting on our uncommitted insert for as long as the view runs. A live
+        # request always holds its row's lock, so a claimed row that can be locked belongs to
+        # a request that died, and is taken over. SQLite has no row locks: there the claim is
+        # inserted inside the transaction, and its database lock serialises writers.
+        early = insert and connections[alias].features.has_select_for_update
+        if early:
+            with _translate_errors():
+                self._insert(alias, claim, lease=None)
+        with db_transaction.atomic(using=alias):
+            with _translate_errors():
+                if insert and not early:
+                    self._insert(alias, claim, lease=None)
+                record = self._take(alias, claim, lease=None)
+            yield record
+
+    def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        with _translate_errors():
+            updated: int = self._owned(claim).update(
+                state=COMPLETED,
+                response_status=response.status,
+                response_headers=[list(header) for header in response.headers],
+                response_body=response.body,
+                completed_at=Now(),
+                expires_at=Now() + claim.ttl,
+                locked_until=None,
+            )
+        return updated == 1
+
+    def release(self, claim: ClaimRequest) -> bool:
+        with _translate_errors():
+            deleted, _ = self._owned(claim).delete()
+        return deleted == 1
+
+    def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
+        with _translate_errors():
+            updated: int = self._owned(claim).update(locked_until=Now() + lease)
+        return updated == 1
+
+    def _owned(self, claim: ClaimRequest) -> Any:
+        # Fencing: every write after the claim names the owner token, so a request whose
+        # claim was taken over can neither overwrite nor delete the new owner's record.
+        return IdempotencyKey.objects.using(self._alias()).filter(
+            scope=claim.scope, key=claim.key, owner_token=claim.token, state=IN_PROGRESS
+        )
+
+    def _insert(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> None:
+        """``INSERT`` the claim unless the key exists; a conflicting row is left alone."""
+        row = IdempotencyKey(
+            scope=claim.scope,
+            key=claim.key,
+            state=IN_PROGRESS,
+            fingerprint=claim.fingerprint,
+            method=claim.method,
+            path=claim.path,
+            owner_token=claim.token,
+            created_at=Now(),
+            expires_at=Now() + claim.ttl,
+            locked_until=None if lease is None else Now() + lease,
+        )
+        connection = connections[alias]
+        query = InsertQuery(IdempotencyKey, on_conflict=OnConflict.IGNORE)
+        fields = [f for f in IdempotencyKey._meta.concrete_fields if not f.primary_key]
+        query.insert_values(fields, [row])
+        statements = query.get_compiler(using=alias).as_sql()
+        with _bounded_lock_wait(connection), connection.cursor() as cursor:
+            for sql, params in statements:
+                cursor.execute(_no_wait_prefix(connection) + sql, params)
+
+    def _take(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> Record:
+        """Lock the key's row; take it over when it is expired or abandoned."""
+        connection = connections[alias]
+        rows = self._rows(alias).filter(scope=claim.scope, key=claim.key)
+        if connection.features.has_select_for_update_nowait:
+            rows = rows.select_for_update(nowait=True)
+        row = rows.first()
+        if row is None:
+            # Deleted between our insert and our lock (a release or a purge): try again.
+            raise KeyLocked(retry_after=0)
+        if row.owner_token != claim.token and _may_take_over(row, claim):
+            deadline = None if lease is None else Now() + lease
+            IdempotencyKey.objects.using(alias).filter(pk=row.pk).update(
+                state=IN_PROGRESS,
+                fingerprint=claim.fingerprint,
+                method=claim.method,
+                path=claim.path,
+                owner_token=claim.token,
+                response_status=None,
+                response_headers=[],
+                response_body=None,
+                created_at=Now(),
+                completed_at=None,
+                expires_at=Now() + claim.ttl,
+                locked_until=deadline,
+            )
+            return Record(
+                fingerprint=claim.fingerprint,
+                state=IN_PROGRESS,
+                owner_token=claim.token,
+                response=None,
+                live=True,
+            )
+        return _record(row)
+
+
+def _may_take_over(row: IdempotencyKey, claim: ClaimRequest) -> bool:
+    now = row.db_now  # type: ignore[attr-defined]
+    if row.expires_at <= now:
+        return True
+    if row.state != IN_PROGRESS or row.fingerprint != claim.fingerprint:
+        return False
+    # An unfinished row whose lock we hold (atomic mode: its request died, or never reached
+    # its transaction) or whose lease has passed (lease mode: its request died).
+    return row.locked_until is None or row.locked_until <= now
+
+
+def _record(row: IdempotencyKey) -> Record:
+    now = row.db_now  # type: ignore[attr-defined]
+    response = None
+    if row.state == COMPLETED and row.response_status is not None:
+        body = row.response_body
+        response = StoredResponse(
+            status=row.response_status,
+            headers=[(name, value) for name, value in row.response_headers],
+            body=None if body is None else bytes(body),
+        )
+    lease_remaining = None
+    if row.state == IN_PROGRESS and row.locked_until is not None:
+        lease_remaining = (row.locked_until - now).total_seconds()
+    return Record(
+        fingerprint=row.fingerprint,
+        state=row.state,
+        owner_token=row.owner_token,
+        response=response,
+        live=row.expires_at > now,
+        lease_remaining=lease_remaining,
+    )
+
+
+def _no_wait_prefix(connection: BaseDatabaseWrapper) -> str:
+    # On MariaDB an INSERT that meets a duplicate takes a shared lock on it, so it would wait
+    # (up to innodb_lock_wait_timeout, 50 s by default) while a live request holds the row.
+    # Fail at once instead; core retries or answers 409.
+    if connection.vendor == "mysql" and connection.mysql_is_mariadb:  # type: ignore[attr-defined]
+        return "SET STATEMENT innodb_lock_wait_timeout=0 FOR "
+    return ""
+
+
+@contextmanager
+def _bounded_lock_wait(connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """Inside a caller's transaction on PostgreSQL, don't wait on another's uncommitted claim.
+
+    Outside one, our ``INSERT`` autocommits and only ever waits for an instant. Inside one
+    (``ATOMIC_REQUESTS``), a duplicate's insert would wait for the whole of the other
+    request's transaction; a lock timeout turns that into an error, in a savepoint so the
+    caller's transaction survives it.
+    """
+    if connection.vendor != "postgresql" or not connection.in_atomic_block:
+        yield
+        return
+    with db_transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', '1ms', true)"
+        )
+        (previous, _) = cursor.fetchone()
+        yield
+        # Only reached when the insert succeeded: a failed one rolls back to the savepoint,
+        # which undoes the setting too.
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])

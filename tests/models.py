@@ -1,0 +1,13 @@
+"""Models the test views write to, so tests can count side effects."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Charge(models.Model):
+    """One row per execution of a view that "charges" a customer."""
+
+    amount = models.IntegerField()
+    note = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
