@@ -16,5 +16,6 @@ urlpatterns = [
     path("async/required/", views.async_charge_required),
     path("api/", views.api_charge),
     path("apiview/", views.ChargeAPIView.as_view()),
+    path("race/", include("tests.race_urls")),
     path("", include(router.urls)),
 ]

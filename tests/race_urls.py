@@ -1,0 +1,3 @@
+"""Views for the concurrency tests (tests/test_concurrency.py)."""
+
+urlpatterns: list = []
