@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
@@ -40,6 +40,8 @@ from django_idempotency.exceptions import (
 from django_idempotency.stores import ClaimRequest, KeyLocked, Record, Store, StoredResponse
 
 logger = logging.getLogger("django_idempotency")
+
+_Value = TypeVar("_Value")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 MAX_KEY_LENGTH = 255
@@ -155,7 +157,7 @@ def request_fingerprint(request: HttpRequest) -> str:
     return digest.hexdigest()
 
 
-def _sorted_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def _sorted_pairs(pairs: Iterable[tuple[str, _Value]]) -> list[tuple[str, _Value]]:
     return sorted(pairs, key=lambda pair: pair[0])  # stable: a repeated name keeps its order
 
 
@@ -407,7 +409,8 @@ class Execution:
             return replay
 
     def _complete(self, stored: StoredResponse) -> None:
-        assert self._claim is not None and self._store is not None
+        assert self._claim is not None
+        assert self._store is not None
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if not self._store.complete(self._claim, stored):

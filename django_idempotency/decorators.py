@@ -64,8 +64,9 @@ def idempotent(
         if iscoroutinefunction(view_func):
             if atomic:
                 raise ImproperlyConfigured(
-                    f"@idempotent(atomic=True) cannot wrap the async view {view_func.__qualname__}: "
-                    "Django cannot hold a transaction open across an await. Leave atomic unset."
+                    f"@idempotent(atomic=True) cannot wrap the async view "
+                    f"{view_func.__qualname__}: Django cannot hold a transaction open across "
+                    "an await. Leave atomic unset."
                 )
 
             @wraps(view_func)
@@ -86,8 +87,8 @@ def idempotent(
 
             return _view_wrapper
 
-        @wraps(view_func)
-        def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        @wraps(view_func)  # type: ignore[no-redef]
+        def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
             with Execution(options) as execution:
                 try:
                     replay = execution.begin(request)

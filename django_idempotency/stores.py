@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
+from django.db import InterfaceError, OperationalError, connections, router
 from django.db import transaction as db_transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.constants import OnConflict
@@ -111,7 +111,7 @@ class Store(Protocol):
         """Extend the caller's lease; ``False`` once the caller no longer owns the key."""
 
 
-def _lock_error(exc: DatabaseError) -> bool:
+def _lock_error(exc: Exception) -> bool:
     """Whether ``exc`` says a lock was not available (rather than the database being gone)."""
     cause = exc.__cause__
     if getattr(cause, "sqlstate", None) == "55P03":  # PostgreSQL lock_not_available
@@ -156,10 +156,13 @@ class DatabaseStore:
 
     def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
         alias = self._alias()
-        with _translate_errors(), db_transaction.atomic(using=alias):
-            if insert:
-                self._insert(alias, claim, lease=lease)
-            return self._take(alias, claim, lease=lease)
+        with _translate_errors():
+            # A new key is claimed by one autocommitted insert; only an existing row needs
+            # the short locking transaction that may take it over.
+            if insert and self._insert(alias, claim, lease=lease):
+                return _owned_record(claim)
+            with db_transaction.atomic(using=alias):
+                return self._take(alias, claim, lease=lease)
 
     @contextmanager
     def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
@@ -176,9 +179,10 @@ class DatabaseStore:
                 self._insert(alias, claim, lease=None)
         with db_transaction.atomic(using=alias):
             with _translate_errors():
-                if insert and not early:
-                    self._insert(alias, claim, lease=None)
-                record = self._take(alias, claim, lease=None)
+                if insert and not early and self._insert(alias, claim, lease=None):
+                    record = _owned_record(claim)
+                else:
+                    record = self._take(alias, claim, lease=None)
             yield record
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
@@ -196,7 +200,7 @@ class DatabaseStore:
 
     def release(self, claim: ClaimRequest) -> bool:
         with _translate_errors():
-            deleted, _ = self._owned(claim).delete()
+            deleted: int = self._owned(claim).delete()[0]
         return deleted == 1
 
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
@@ -211,8 +215,8 @@ class DatabaseStore:
             scope=claim.scope, key=claim.key, owner_token=claim.token, state=IN_PROGRESS
         )
 
-    def _insert(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> None:
-        """``INSERT`` the claim unless the key exists; a conflicting row is left alone."""
+    def _insert(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
+        """``INSERT`` the claim unless the key exists; ``False`` if a row was there already."""
         row = IdempotencyKey(
             scope=claim.scope,
             key=claim.key,
@@ -230,9 +234,11 @@ class DatabaseStore:
         fields = [f for f in IdempotencyKey._meta.concrete_fields if not f.primary_key]
         query.insert_values(fields, [row])
         statements = query.get_compiler(using=alias).as_sql()
+        [(sql, params)] = statements
         with _bounded_lock_wait(connection), connection.cursor() as cursor:
-            for sql, params in statements:
-                cursor.execute(_no_wait_prefix(connection) + sql, params)
+            cursor.execute(_no_wait_prefix(connection) + sql, params)
+            inserted: bool = cursor.rowcount == 1
+            return inserted
 
     def _take(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> Record:
         """Lock the key's row; take it over when it is expired or abandoned."""
@@ -260,14 +266,18 @@ class DatabaseStore:
                 expires_at=Now() + claim.ttl,
                 locked_until=deadline,
             )
-            return Record(
-                fingerprint=claim.fingerprint,
-                state=IN_PROGRESS,
-                owner_token=claim.token,
-                response=None,
-                live=True,
-            )
+            return _owned_record(claim)
         return _record(row)
+
+
+def _owned_record(claim: ClaimRequest) -> Record:
+    return Record(
+        fingerprint=claim.fingerprint,
+        state=IN_PROGRESS,
+        owner_token=claim.token,
+        response=None,
+        live=True,
+    )
 
 
 def _may_take_over(row: IdempotencyKey, claim: ClaimRequest) -> bool:
