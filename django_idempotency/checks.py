@@ -23,15 +23,17 @@ def check_database(
     if databases is None or alias not in databases:
         return messages
     connection = connections[alias]
-    if not connection.features.has_select_for_update:
+    transaction_mode = connection.settings_dict.get("OPTIONS", {}).get("transaction_mode")
+    if not connection.features.has_select_for_update and transaction_mode != "IMMEDIATE":
         messages.append(
             checks.Warning(
                 f"The database '{alias}' that stores idempotency keys ({connection.vendor}) has "
-                "no row locks: requests are serialised by its database-wide write lock.",
+                "no row locks: requests are serialised by its database-wide write lock, and "
+                "without OPTIONS['transaction_mode'] = 'IMMEDIATE' concurrent requests for "
+                "the same key can fail with 'database is locked' instead of queueing.",
                 hint=(
-                    "Fine for development and small sites. In production use PostgreSQL or "
-                    "MariaDB/MySQL. On SQLite, set OPTIONS={'transaction_mode': 'IMMEDIATE'} "
-                    "so concurrent requests queue for the write lock instead of failing."
+                    "Set DATABASES['" + alias + "']['OPTIONS']['transaction_mode'] = 'IMMEDIATE' "
+                    "(Django 5.1+), and prefer PostgreSQL or MariaDB/MySQL in production."
                 ),
                 id="django_idempotency.W001",
             )

@@ -396,7 +396,7 @@ class Execution:
             if record.fingerprint != claim.fingerprint:
                 raise IdempotencyKeyMismatch()
             if record.lease_remaining is not None and record.lease_remaining > 0:
-                raise KeyLocked(retry_after=record.lease_remaining)
+                raise KeyLocked()
         insert = record is None
         if not atomic:
             record = store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert)
@@ -457,7 +457,9 @@ def _decide(record: Record, claim: ClaimRequest) -> HttpResponse | None:
         return _replay(record, claim)
     if record.fingerprint != claim.fingerprint:
         raise IdempotencyKeyMismatch()
-    raise KeyLocked(retry_after=record.lease_remaining or 1)
+    # The lease says when a dead request's key may be taken over, not when a live one will
+    # finish: suggest an early retry (Retry-After: 1) rather than the lease's remaining time.
+    raise KeyLocked()
 
 
 def _replay(record: Record, claim: ClaimRequest) -> HttpResponse:
