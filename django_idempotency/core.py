@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
 from django.db import connections
 from django.http import HttpRequest, HttpResponse
@@ -148,13 +149,26 @@ def request_fingerprint(request: HttpRequest) -> str:
     a form body's fields are sorted by name, a multipart body is read as fields and files, so
     key order, whitespace, field order and the multipart boundary do not matter.
     """
-    query = _sorted_pairs(parse_qsl(request.META.get("QUERY_STRING", ""), keep_blank_values=True))
+    query = _sorted_pairs(_parse_pairs(request.META.get("QUERY_STRING", "")))
     head = json.dumps([request.method, request.path, query], ensure_ascii=False)
     digest = hashlib.sha256(head.encode("utf-8", "surrogatepass"))
     kind, body = _canonical_body(request)
     digest.update(b"\0" + kind.encode() + b"\0")
     digest.update(body)
     return digest.hexdigest()
+
+
+def _parse_pairs(text: str) -> list[tuple[str, str]]:
+    """A query string's or form body's pairs, within Django's DATA_UPLOAD_MAX_NUMBER_FIELDS."""
+    try:
+        return parse_qsl(
+            text,
+            keep_blank_values=True,
+            errors="surrogateescape",
+            max_num_fields=settings.DATA_UPLOAD_MAX_NUMBER_FIELDS,
+        )
+    except ValueError as exc:  # more fields than allowed: Django's QueryDict refuses it too
+        raise RequestInvalid() from exc
 
 
 def _sorted_pairs(pairs: Iterable[tuple[str, _Value]]) -> list[tuple[str, _Value]]:
@@ -170,7 +184,7 @@ def _canonical_body(request: HttpRequest) -> tuple[str, bytes]:
     except (SuspiciousOperation, MultiPartParserError) as exc:
         # Over DATA_UPLOAD_MAX_MEMORY_SIZE or too many fields, or a broken multipart body:
         # the view could not read it either.
-        raise RequestInvalid(str(exc)) from exc
+        raise RequestInvalid() from exc
     if content_type == "application/json" or content_type.endswith("+json"):
         try:
             data = json.loads(body)
@@ -180,8 +194,7 @@ def _canonical_body(request: HttpRequest) -> tuple[str, bytes]:
         return "json", text.encode("utf-8", "surrogatepass")
     if content_type == "application/x-www-form-urlencoded":
         text = body.decode("utf-8", "surrogateescape")
-        pairs = parse_qsl(text, keep_blank_values=True, errors="surrogateescape")
-        encoded = json.dumps(_sorted_pairs(pairs), ensure_ascii=True)
+        encoded = json.dumps(_sorted_pairs(_parse_pairs(text)), ensure_ascii=True)
         return "form", encoded.encode()
     return "raw", body
 
@@ -318,7 +331,7 @@ class Execution:
         claim = ClaimRequest(
             scope=_scope(request),
             key=key,
-            fingerprint=get_fingerprint_function()(http_request),
+            fingerprint=_fingerprint(http_request),
             method=http_request.method,
             path=http_request.path[:2048],
             token=uuid.uuid4().hex,
@@ -358,7 +371,14 @@ class Execution:
                 self._failed = True
             else:
                 self._complete(stored)
-        except IdempotencyError as exc:
+        except StoreUnavailable as exc:
+            if self._transaction is None:
+                # Lease mode: the view has run and committed; its answer is the truth. The
+                # claim stays in place until its lease passes, holding retries off that long.
+                logger.error("Could not store the response for key %r.", self._claim.key)
+                self._close(None)
+                return response
+            # Atomic mode: roll the view's writes back with the claim; nothing happened.
             self._failed = True
             self._close(exc)
             return error_response(exc)
@@ -393,10 +413,13 @@ class Execution:
         if record is not None and record.live:
             if record.completed:
                 return _replay(record, claim)
-            if record.fingerprint != claim.fingerprint:
-                raise IdempotencyKeyMismatch()
-            if record.lease_remaining is not None and record.lease_remaining > 0:
-                raise KeyLocked()
+            # An atomic-mode claim has no lease: whether its request lives is only known by
+            # trying its row lock, below. A lease-mode claim is judged by its lease.
+            if record.lease_remaining is not None:
+                if record.fingerprint != claim.fingerprint:
+                    raise IdempotencyKeyMismatch()
+                if record.lease_remaining > 0:
+                    raise KeyLocked()
         insert = record is None
         if not atomic:
             record = store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert)
@@ -443,10 +466,18 @@ class Execution:
 
 
 def _scope(request: Any) -> str:
-    scope = get_scope_function()(request)
-    if len(scope) > MAX_KEY_LENGTH:
-        scope = "sha256:" + hashlib.sha256(scope.encode()).hexdigest()
-    return scope
+    return _fit(get_scope_function()(request), MAX_KEY_LENGTH)
+
+
+def _fingerprint(request: HttpRequest) -> str:
+    return _fit(get_fingerprint_function()(request), 64)
+
+
+def _fit(value: str, length: int) -> str:
+    """A custom scope or fingerprint too long for its column, replaced by its digest."""
+    if len(value) <= length:
+        return value
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _decide(record: Record, claim: ClaimRequest) -> HttpResponse | None:
@@ -487,7 +518,7 @@ class _Heartbeat:
                 try:
                     if not self._store.renew(self._claim, lease=self._lease):
                         return
-                except StoreUnavailable:
+                except Exception:  # keep beating: the next renewal may well succeed
                     logger.warning("Could not renew the lease of key %r.", self._claim.key)
         finally:
             connections.close_all()  # this thread's own connections only

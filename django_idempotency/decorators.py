@@ -61,6 +61,13 @@ def idempotent(
     options = Options(required=required, ttl=ttl, methods=methods, atomic=atomic, wait=wait)
 
     def decorator(view_func: Callable[..., Any]) -> Callable[..., Any]:
+        if hasattr(view_func, "cls") and hasattr(view_func, "initkwargs"):
+            # A view made by as_view(), such as DRF's @api_view: here the request is not yet
+            # authenticated by DRF, so every token or basic-auth caller would share one scope.
+            raise ImproperlyConfigured(
+                f"@idempotent must go below @api_view, not above it, on "
+                f"{view_func.__qualname__}; for class-based DRF views use IdempotentMixin."
+            )
         if iscoroutinefunction(view_func):
             if atomic:
                 raise ImproperlyConfigured(

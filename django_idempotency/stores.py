@@ -7,7 +7,7 @@ requests for the same key; ``core`` decides what each record means for the reque
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -112,14 +112,16 @@ class Store(Protocol):
 
 
 def _lock_error(exc: Exception) -> bool:
-    """Whether ``exc`` says a lock was not available (rather than the database being gone)."""
+    """Whether ``exc`` says a row lock was not available (rather than the database failing).
+
+    SQLite's "database is locked" is not one: it means the whole database was busy for longer
+    than its timeout, whatever the key, so it is reported as the store being unavailable.
+    """
     cause = exc.__cause__
     if getattr(cause, "sqlstate", None) == "55P03":  # PostgreSQL lock_not_available
         return True
-    args = getattr(cause, "args", ())
-    if args and args[0] in (1205, 3572):  # MySQL/MariaDB lock wait timeout, NOWAIT
-        return True
-    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+    args: tuple[Any, ...] = getattr(cause, "args", ())
+    return bool(args) and args[0] in (1205, 3572)  # MySQL/MariaDB lock wait timeout, NOWAIT
 
 
 @contextmanager
@@ -174,11 +176,11 @@ class DatabaseStore:
         # a request that died, and is taken over. SQLite has no row locks: there the claim is
         # inserted inside the transaction, and its database lock serialises writers.
         early = insert and connections[alias].features.has_select_for_update
-        if early:
-            with _translate_errors():
-                self._insert(alias, claim, lease=None)
-        with db_transaction.atomic(using=alias):
-            with _translate_errors():
+        with ExitStack() as transaction:
+            with _translate_errors():  # claiming; errors of the view itself pass untouched
+                if early:
+                    self._insert(alias, claim, lease=None)
+                transaction.enter_context(db_transaction.atomic(using=alias))
                 if insert and not early and self._insert(alias, claim, lease=None):
                     record = _owned_record(claim)
                 else:
@@ -282,13 +284,20 @@ def _owned_record(claim: ClaimRequest) -> Record:
 
 def _may_take_over(row: IdempotencyKey, claim: ClaimRequest) -> bool:
     now = row.db_now  # type: ignore[attr-defined]
+    if row.state == IN_PROGRESS and row.locked_until is not None and row.locked_until > now:
+        return False  # a live lease-mode request, even one running past the key's TTL
     if row.expires_at <= now:
         return True
-    if row.state != IN_PROGRESS or row.fingerprint != claim.fingerprint:
+    if row.state != IN_PROGRESS:
         return False
-    # An unfinished row whose lock we hold (atomic mode: its request died, or never reached
-    # its transaction) or whose lease has passed (lease mode: its request died).
-    return row.locked_until is None or row.locked_until <= now
+    if row.locked_until is None:
+        # An atomic-mode claim whose lock we now hold: its request died (or had not reached
+        # its transaction yet) and everything it wrote was rolled back with it, so the key
+        # is free, even for a corrected request.
+        return True
+    # A lease-mode claim whose lease has passed: its request died, perhaps after its side
+    # effects, so only the same request may take it over.
+    return row.fingerprint == claim.fingerprint
 
 
 def _record(row: IdempotencyKey) -> Record:
