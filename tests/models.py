@@ -11,3 +11,6 @@ class Charge(models.Model):
     amount = models.IntegerField()
     note = models.CharField(max_length=100, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"charge {self.pk} of {self.amount}"

@@ -1,0 +1,426 @@
+"""Unit tests of ``django_idempotency.core``: keys, scopes, fingerprints and responses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.contrib.auth.models import AnonymousUser
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import RequestFactory
+from django.test.client import encode_multipart
+
+from django_idempotency.core import (
+    Options,
+    error_response,
+    parse_key,
+    replay_response,
+    request_fingerprint,
+    user_scope,
+)
+from django_idempotency.exceptions import (
+    IdempotencyError,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMismatch,
+    IdempotencyKeyMissing,
+    IdempotencyResponseNotStored,
+    RequestInvalid,
+    StoreUnavailable,
+)
+from django_idempotency.stores import StoredResponse
+from tests.factories import UserFactory
+
+factory = RequestFactory()
+
+# -- parse_key ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ("abc", "abc"),
+        ('"abc"', "abc"),
+        ("  abc\t", "abc"),
+        ('\t"abc" ', "abc"),
+        ("8e03978e-40d5-43e8-bc93-6894a57f9324", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        ('"a\\"b"', 'a"b'),
+        ('"a\\\\b"', "a\\b"),
+        ('"a,b"', "a,b"),
+        ("k" * 255, "k" * 255),
+        ('"' + "k" * 255 + '"', "k" * 255),
+        ("~!#$%&'*+-.^_`|", "~!#$%&'*+-.^_`|"),
+    ],
+    ids=[
+        "bare",
+        "quoted",
+        "bare with padding",
+        "quoted with padding",
+        "UUID",
+        "escaped quote",
+        "escaped backslash",
+        "comma inside quotes",
+        "255 characters bare",
+        "255 characters quoted",
+        "punctuation",
+    ],
+)
+def test_parse_key_reads_bare_and_structured_field_string_keys(raw, key):
+    assert parse_key(raw) == key
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "   ",
+        '""',
+        "k" * 256,
+        '"' + "k" * 256 + '"',
+        "abc\x00",
+        "abc\x1f",
+        "abc\x7f",
+        "ab\tc",
+        '"ab\tc"',
+        "clé",
+        '"clé"',
+        "a, b",
+        "a,b",
+        '"a", "b"',
+        '"a","b"',
+        '"abc',
+        '"abc\\"',
+        '"abc";p=1',
+        '"abc" x',
+        '"a\\b"',
+    ],
+    ids=[
+        "empty",
+        "whitespace only",
+        "empty quoted string",
+        "256 characters bare",
+        "256 characters quoted",
+        "NUL",
+        "control character",
+        "DEL",
+        "tab inside bare",
+        "tab inside quoted",
+        "non-ASCII bare",
+        "non-ASCII quoted",
+        "two bare values",
+        "two bare values without space",
+        "two quoted values",
+        "two quoted values without space",
+        "unterminated quote",
+        "escaped closing quote",
+        "parameters",
+        "text after the string",
+        "bad escape",
+    ],
+)
+def test_parse_key_refuses_malformed_values(raw):
+    with pytest.raises(IdempotencyKeyInvalid):
+        parse_key(raw)
+
+
+# -- user_scope -----------------------------------------------------------------------------
+
+
+def test_user_scope_of_an_authenticated_user_is_its_primary_key(db):
+    request = factory.post("/")
+    request.user = UserFactory()
+
+    assert user_scope(request) == f"user:{request.user.pk}"
+
+
+def test_user_scope_of_an_anonymous_user_is_anonymous():
+    request = factory.post("/")
+    request.user = AnonymousUser()
+
+    assert user_scope(request) == "anonymous"
+
+
+def test_user_scope_without_authentication_middleware_is_anonymous():
+    assert user_scope(factory.post("/")) == "anonymous"
+
+
+# -- request_fingerprint --------------------------------------------------------------------
+
+
+def _json(body: str, path: str = "/orders/", method: str = "POST"):
+    return factory.generic(method, path, body, "application/json")
+
+
+def _form(body: str, path: str = "/orders/"):
+    return factory.generic("POST", path, body, "application/x-www-form-urlencoded")
+
+
+def _multipart(boundary: str, **fields):
+    body = encode_multipart(boundary, fields)
+    return factory.generic("POST", "/orders/", body, f"multipart/form-data; boundary={boundary}")
+
+
+def fingerprint(request) -> str:
+    return request_fingerprint(request)
+
+
+def test_fingerprint_is_a_sha256_hex_digest():
+    value = fingerprint(_json('{"a": 1}'))
+
+    assert len(value) == 64
+    assert int(value, 16) >= 0
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (_json('{"a": 1, "b": [1, 2]}'), _json('{\n  "b": [1,2],\n  "a": 1\n}')),
+        (_json('{"a": {"x": 1, "y": 2}}'), _json('{"a": {"y": 2, "x": 1}}')),
+        (_json('{"a": 1}', "/orders/?x=1&y=2"), _json('{"a": 1}', "/orders/?y=2&x=1")),
+        (_form("a=1&b=2"), _form("b=2&a=1")),
+        (_form("a=1&b=x+y"), _form("b=x%20y&a=1")),
+        (_multipart("One", a="1", b="2"), _multipart("Two", b="2", a="1")),
+        (
+            factory.generic("POST", "/orders/", '{"a": 1}', "application/vnd.api+json"),
+            factory.generic("POST", "/orders/", '{ "a" : 1 }', "application/vnd.api+json"),
+        ),
+    ],
+    ids=[
+        "JSON key order and whitespace",
+        "nested JSON key order",
+        "query parameter order",
+        "form field order",
+        "form encoding of a space",
+        "multipart boundary and field order",
+        "+json media type",
+    ],
+)
+def test_re_encoded_requests_have_the_same_fingerprint(one, other):
+    assert fingerprint(one) == fingerprint(other)
+
+
+def test_multipart_files_count_by_content_not_boundary():
+    def upload(content: bytes, boundary: str):
+        receipt = SimpleUploadedFile("receipt.txt", content, "text/plain")
+        return _multipart(boundary, a="1", receipt=receipt)
+
+    assert fingerprint(upload(b"one", "A")) == fingerprint(upload(b"one", "B"))
+    assert fingerprint(upload(b"one", "A")) != fingerprint(upload(b"two", "A"))
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (_json('{"a": 1}'), _json('{"a": 2}')),
+        (_json('{"a": 1}'), _json('{"a": "1"}')),
+        (_json('{"a": 1}'), _json('{"a": 1}', method="PATCH")),
+        (_json('{"a": 1}'), _json('{"a": 1}', "/orders/other/")),
+        (_json('{"a": 1}', "/orders/?x=1"), _json('{"a": 1}', "/orders/?x=2")),
+        (_json('{"a": 1}', "/orders/?x=1"), _json('{"a": 1}', "/orders/")),
+        (_json('{"a": 1}', "/orders/?x="), _json('{"a": 1}', "/orders/")),
+        (_json('{"a": 1}', "/orders/?x=1&x=2"), _json('{"a": 1}', "/orders/?x=2&x=1")),
+        (_form("a=1&a=2"), _form("a=2&a=1")),
+        (_form("a=1"), _json('{"a": "1"}')),
+        (
+            factory.generic("POST", "/orders/", b"\x00\x01", "application/octet-stream"),
+            factory.generic("POST", "/orders/", b"\x00\x02", "application/octet-stream"),
+        ),
+    ],
+    ids=[
+        "JSON value",
+        "JSON type",
+        "method",
+        "path",
+        "query value",
+        "query parameter present",
+        "blank query parameter",
+        "order of a repeated query parameter",
+        "order of a repeated form field",
+        "form versus JSON",
+        "raw body",
+    ],
+)
+def test_different_requests_have_different_fingerprints(one, other):
+    assert fingerprint(one) != fingerprint(other)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"\xff\xfe not UTF-8", "application/json"),
+        (b'{"a": ', "application/json"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+        (b"a=\xff&b=\xfe", "application/x-www-form-urlencoded"),
+    ],
+    ids=["non-UTF-8 JSON", "unparsable JSON", "deeply nested JSON", "non-UTF-8 form"],
+)
+def test_fingerprint_of_an_unreadable_body_is_computed_from_its_bytes(body, content_type):
+    request = factory.generic("POST", "/orders/", body, content_type)
+    changed = factory.generic("POST", "/orders/", body + b" ", content_type)
+
+    assert fingerprint(request) != fingerprint(changed)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"x" * 101, "application/json"),
+        (b"a=" + b"x" * 101, "application/x-www-form-urlencoded"),
+        (encode_multipart("B", {"a": "x" * 101}), "multipart/form-data; boundary=B"),
+        (b"garbage", "multipart/form-data"),
+    ],
+    ids=["JSON over the limit", "form over the limit", "multipart over the limit", "no boundary"],
+)
+def test_fingerprint_of_a_body_the_view_could_not_read_raises_request_invalid(
+    settings, body, content_type
+):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
+
+    with pytest.raises(RequestInvalid):
+        fingerprint(factory.generic("POST", "/orders/", body, content_type))
+
+
+def test_fingerprint_leaves_a_multipart_upload_readable_by_the_view():
+    receipt = SimpleUploadedFile("receipt.txt", b"the receipt", "text/plain")
+    request = _multipart("B", a="1", receipt=receipt)
+
+    fingerprint(request)
+
+    assert request.POST["a"] == "1"
+    assert request.FILES["receipt"].read() == b"the receipt"
+
+
+def test_fingerprint_leaves_a_json_body_readable_by_the_view():
+    request = _json('{"a": 1}')
+
+    fingerprint(request)
+
+    assert json.loads(request.body) == {"a": 1}
+
+
+# -- error_response -------------------------------------------------------------------------
+
+ERRORS = [
+    (IdempotencyKeyMissing(), 400, "idempotency_key_missing"),
+    (IdempotencyKeyInvalid(), 400, "idempotency_key_invalid"),
+    (RequestInvalid(), 400, "idempotency_request_invalid"),
+    (IdempotencyKeyInProgress(retry_after=2.2), 409, "idempotency_key_in_progress"),
+    (IdempotencyResponseNotStored(original_status=201), 409, "idempotency_response_not_stored"),
+    (IdempotencyKeyMismatch(), 422, "idempotency_key_mismatch"),
+    (StoreUnavailable(retry_after=1), 503, "idempotency_store_unavailable"),
+]
+
+
+@pytest.mark.parametrize(("error", "status", "code"), ERRORS, ids=[e[2] for e in ERRORS])
+def test_error_response_is_an_rfc_9457_problem(error, status, code):
+    response = error_response(error)
+
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/problem+json"
+    body = json.loads(response.content)
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"].endswith(code)
+    assert body["title"]
+    assert body["detail"] == str(error.default_detail)
+    assert not response.has_header("Idempotent-Replayed")
+
+
+def test_error_codes_are_unique():
+    codes = [error.default_code for error, _, _ in ERRORS]
+
+    assert len(set(codes)) == len(codes)
+    assert all(isinstance(error, IdempotencyError) for error, _, _ in ERRORS)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "header"), [(0, "1"), (0.2, "1"), (1, "1"), (2.2, "3"), (29.9, "30")]
+)
+def test_retry_after_is_a_whole_number_of_seconds_of_at_least_one(retry_after, header):
+    response = error_response(IdempotencyKeyInProgress(retry_after=retry_after))
+
+    assert response["Retry-After"] == header
+
+
+def test_error_without_retry_after_has_no_retry_after_header():
+    assert not error_response(IdempotencyKeyMismatch()).has_header("Retry-After")
+
+
+def test_response_not_stored_problem_names_the_original_status():
+    body = json.loads(error_response(IdempotencyResponseNotStored(original_status=202)).content)
+
+    assert body["original_status"] == 202
+
+
+def test_error_detail_can_be_given():
+    body = json.loads(error_response(RequestInvalid("Body too large.")).content)
+
+    assert body["detail"] == "Body too large."
+
+
+# -- replay_response ------------------------------------------------------------------------
+
+
+def test_replay_response_carries_status_body_and_headers_marked_as_replayed():
+    stored = StoredResponse(
+        status=201,
+        headers=[
+            ("Content-Type", "application/vnd.shop+json"),
+            ("Location", "/orders/7"),
+            ("ETag", '"v1"'),
+            ("X-Custom", "kept"),
+        ],
+        body=b'{"id": 7}',
+    )
+
+    response = replay_response(stored)
+
+    assert response.status_code == 201
+    assert response.content == b'{"id": 7}'
+    assert response["Content-Type"] == "application/vnd.shop+json"
+    assert response["Location"] == "/orders/7"
+    assert response["ETag"] == '"v1"'
+    assert response["X-Custom"] == "kept"
+    assert response["Idempotent-Replayed"] == "true"
+
+
+def test_replay_of_a_response_without_content_type_invents_none():
+    response = replay_response(StoredResponse(status=204, headers=[], body=b""))
+
+    assert response.status_code == 204
+    assert not response.has_header("Content-Type")
+    assert response.content == b""
+
+
+def test_replay_keeps_binary_bodies_byte_for_byte():
+    body = bytes(range(256))
+    stored = StoredResponse(status=200, headers=[("Content-Type", "image/png")], body=body)
+
+    assert replay_response(stored).content == body
+
+
+# -- Options.covered_methods ----------------------------------------------------------------
+
+
+def test_covered_methods_default_to_post_and_patch():
+    assert Options().covered_methods == {"POST", "PATCH"}
+
+
+def test_covered_methods_follow_the_setting(settings):
+    settings.IDEMPOTENCY_METHODS = ["post", "Put", "DELETE"]
+
+    assert Options().covered_methods == {"POST", "PUT", "DELETE"}
+
+
+def test_covered_methods_of_the_view_win_over_the_setting(settings):
+    settings.IDEMPOTENCY_METHODS = ["POST"]
+
+    assert Options(methods=["put", "patch"]).covered_methods == {"PUT", "PATCH"}
+
+
+@pytest.mark.parametrize("safe", ["GET", "head", "OPTIONS", "TRACE"])
+def test_covered_methods_never_include_a_safe_method(settings, safe):
+    settings.IDEMPOTENCY_METHODS = [safe, "POST"]
+
+    assert Options().covered_methods == {"POST"}
+    assert Options(methods=[safe]).covered_methods == set()

@@ -1,0 +1,524 @@
+"""The request contract through ``IdempotentMixin`` on DRF viewsets and ``APIView``s."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test import RequestFactory
+
+pytest.importorskip("rest_framework")
+
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.test import APIRequestFactory
+from rest_framework.views import APIView
+from rest_framework.viewsets import ModelViewSet
+
+from django_idempotency.core import request_fingerprint
+from django_idempotency.models import IdempotencyKey
+from django_idempotency.rest_framework import IdempotentMixin
+from tests.factories import IdempotencyKeyFactory
+from tests.models import Charge
+from tests.views import VIEW_DATE
+
+pytestmark = pytest.mark.django_db
+
+KEY = "order-1"
+BODY = {"amount": 5}
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    method: str
+    url: str
+    atomic: bool = True
+
+    def fingerprint(self, data=None) -> str:
+        """The default fingerprint of the request that ``send()`` makes."""
+        body = json.dumps(BODY if data is None else data)
+        return request_fingerprint(RequestFactory().generic(self.method, self.url, body, JSON))
+
+
+@pytest.fixture
+def existing_charge(db):
+    return Charge.objects.create(amount=1, note="existing")
+
+
+def _endpoint(name: str, charge: Charge) -> Endpoint:
+    return {
+        "viewset create": Endpoint(name, "post", "/viewset/charges/"),
+        "viewset partial_update": Endpoint(name, "patch", f"/viewset/charges/{charge.pk}/"),
+        "APIView": Endpoint(name, "post", "/apiview/"),
+        "APIView lease mode": Endpoint(name, "post", "/apiview/lease/", atomic=False),
+        "APIView optional": Endpoint(name, "post", "/apiview/optional/"),
+    }[name]
+
+
+KEYED = ["viewset create", "viewset partial_update", "APIView", "APIView lease mode"]
+
+
+@pytest.fixture(params=KEYED)
+def endpoint(request, existing_charge) -> Endpoint:
+    return _endpoint(request.param, existing_charge)
+
+
+def send(client, endpoint: Endpoint, data=None, *, key=KEY, suffix="", **headers):
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    data = BODY if data is None else data
+    method = getattr(client, endpoint.method)
+    return method(endpoint.url + suffix, data, content_type=JSON, headers=headers)
+
+
+def assert_problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    body = json.loads(response.content)
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"]
+    assert body["title"]
+    assert body["detail"]
+    return body
+
+
+def charges_written() -> int:
+    """Charges other than the ``existing_charge`` fixture's, counting its edits as one."""
+    return (
+        Charge.objects.exclude(note="existing").count()
+        + Charge.objects.filter(note="existing", amount__gt=1).count()
+    )
+
+
+# -- Keys -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["viewset create", "viewset partial_update", "APIView optional"])
+def test_request_without_key_gets_the_views_own_answer_and_nothing_is_stored(
+    client, existing_charge, runs, name
+):
+    endpoint = _endpoint(name, existing_charge)
+
+    first = send(client, endpoint, key=None)
+    second = send(client, endpoint, key=None)
+
+    assert first.status_code in (200, 201)
+    assert not second.has_header("Idempotent-Replayed")
+    assert len(runs) == 2
+    assert IdempotencyKey.objects.count() == 0
+
+
+@pytest.mark.parametrize("name", ["APIView", "APIView lease mode"])
+def test_request_without_key_is_refused_when_the_view_requires_one(
+    client, existing_charge, runs, name
+):
+    response = send(client, _endpoint(name, existing_charge), key=None)
+
+    assert_problem(response, 400, "idempotency_key_missing")
+    assert runs == []
+    assert IdempotencyKey.objects.count() == 0
+
+
+def test_required_setting_applies_to_views_that_do_not_say(client, runs, settings):
+    settings.IDEMPOTENCY_REQUIRED = True
+
+    response = send(client, Endpoint("create", "post", "/viewset/charges/"), key=None)
+
+    assert_problem(response, 400, "idempotency_key_missing")
+    assert runs == []
+
+
+@pytest.mark.parametrize("raw_key", ["", "k" * 256, "clé", "a, b", '"abc'])
+def test_malformed_key_is_refused_and_the_view_does_not_run(client, endpoint, runs, raw_key):
+    response = send(client, endpoint, key=raw_key)
+
+    assert_problem(response, 400, "idempotency_key_invalid")
+    assert runs == []
+    assert IdempotencyKey.objects.count() == 0
+
+
+def test_errors_of_this_layer_are_problem_json_whatever_the_client_accepts(client, endpoint):
+    response = send(client, endpoint, key="", Accept="text/html")
+
+    assert_problem(response, 400, "idempotency_key_invalid")
+
+
+# -- New key and replay -------------------------------------------------------------------------
+
+
+def test_retry_gets_the_first_response_byte_for_byte_without_running_the_view(
+    client, endpoint, runs
+):
+    first = send(client, endpoint)
+    retry = send(client, endpoint)
+
+    assert first.status_code in (200, 201)
+    assert not first.has_header("Idempotent-Replayed")
+    assert retry.status_code == first.status_code
+    assert retry.content == first.content
+    never_replayed = {"date", "keep-alive"}
+    expected = {k.lower(): v for k, v in first.headers.items() if k.lower() not in never_replayed}
+    replayed = {k.lower(): v for k, v in retry.headers.items() if k.lower() not in never_replayed}
+    assert replayed == {**expected, "idempotent-replayed": "true"}
+    assert first["ETag"] == retry["ETag"]
+    assert len(runs) == 1
+    assert charges_written() == 1
+
+
+def test_replay_never_carries_the_first_callers_cookie_date_or_hop_by_hop_header(client, endpoint):
+    first = send(client, endpoint)
+    retry = send(client, endpoint)
+
+    assert first.cookies["session_hint"].value == "first-caller"
+    assert (first["Date"], first["Keep-Alive"]) == (VIEW_DATE, "timeout=5")
+    assert "session_hint" not in retry.cookies
+    assert retry.get("Date") != VIEW_DATE
+    assert not retry.has_header("Keep-Alive")
+
+
+def test_new_key_stores_the_rendered_response(client, endpoint):
+    response = send(client, endpoint)
+
+    row = IdempotencyKey.objects.get()
+    assert row.state == IdempotencyKey.State.COMPLETED
+    assert (row.method, row.path) == (endpoint.method.upper(), endpoint.url)
+    assert row.response_status == response.status_code
+    assert bytes(row.response_body) == response.content
+
+
+@pytest.mark.parametrize("change", ["body", "query string"])
+def test_same_key_for_a_different_request_is_refused_and_the_row_kept(
+    client, endpoint, runs, change
+):
+    send(client, endpoint)
+    before = list(IdempotencyKey.objects.values())
+
+    if change == "body":
+        response = send(client, endpoint, {"amount": 6})
+    else:
+        response = send(client, endpoint, suffix="?note=other")
+
+    assert_problem(response, 422, "idempotency_key_mismatch")
+    assert len(runs) == 1
+    assert list(IdempotencyKey.objects.values()) == before
+
+
+def test_same_key_on_another_endpoint_is_refused(client, existing_charge, runs):
+    send(client, _endpoint("viewset create", existing_charge))
+
+    response = send(client, _endpoint("viewset partial_update", existing_charge))
+
+    assert_problem(response, 422, "idempotency_key_mismatch")
+    assert len(runs) == 1
+
+
+def test_key_held_by_a_live_request_answers_409_with_retry_after(client, endpoint, runs):
+    IdempotencyKeyFactory(
+        key=KEY, path=endpoint.url, fingerprint=endpoint.fingerprint(), in_progress=True
+    )
+
+    response = send(client, endpoint)
+
+    assert_problem(response, 409, "idempotency_key_in_progress")
+    assert 1 <= int(response["Retry-After"]) <= 30
+    assert runs == []
+
+
+def test_expired_key_is_treated_as_new_and_its_row_replaced(client, endpoint, runs):
+    IdempotencyKeyFactory(key=KEY, completed=True, expired=True)
+
+    response = send(client, endpoint)
+
+    assert response.status_code in (200, 201)
+    assert len(runs) == 1
+    row = IdempotencyKey.objects.get()
+    assert bytes(row.response_body) == response.content
+    assert row.path == endpoint.url
+
+
+@pytest.mark.usefixtures("offline_store")
+def test_unreachable_store_answers_503_and_the_view_does_not_run(client, endpoint, runs):
+    response = send(client, endpoint)
+
+    assert_problem(response, 503, "idempotency_store_unavailable")
+    assert int(response["Retry-After"]) >= 1
+    assert runs == []
+    assert charges_written() == 0
+
+
+# -- The storing rule -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_validation_error_is_not_stored_and_a_corrected_retry_reuses_the_key(
+    client, endpoint, runs
+):
+    rejected = send(client, endpoint, {"amount": -1})
+    assert rejected.status_code == 400
+    assert "amount" in rejected.json()
+    assert IdempotencyKey.objects.count() == 0
+
+    corrected = send(client, endpoint, {"amount": 7})
+    retry = send(client, endpoint, {"amount": 7})
+
+    assert corrected.status_code in (200, 201)
+    assert retry["Idempotent-Replayed"] == "true"
+    assert retry.content == corrected.content
+    assert len(runs) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_not_found_raised_by_the_view_is_not_stored_and_leaves_the_key_free(client, endpoint, runs):
+    first = send(client, endpoint, suffix="?behaviour=notfound")
+    second = send(client, endpoint, suffix="?behaviour=notfound")
+
+    assert first.status_code == second.status_code == 404
+    assert not second.has_header("Idempotent-Replayed")
+    assert len(runs) == 2
+    assert IdempotencyKey.objects.count() == 0
+    # The view wrote before raising: the atomic mode rolls that back.
+    assert charges_written() == (0 if endpoint.atomic else 2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_partial_update_of_a_missing_object_is_not_stored(client, runs):
+    missing = Endpoint("partial_update", "patch", "/viewset/charges/999999/")
+
+    assert send(client, missing).status_code == 404
+    assert IdempotencyKey.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unexpected_exception_stores_nothing_and_leaves_the_key_free(client, endpoint, runs):
+    with pytest.raises(RuntimeError, match="the view failed"):
+        send(client, endpoint, suffix="?behaviour=raise")
+
+    assert IdempotencyKey.objects.count() == 0
+    assert charges_written() == (0 if endpoint.atomic else 1)
+    assert send(client, endpoint).status_code in (200, 201)
+    assert len(runs) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_returned_server_error_is_not_stored_and_leaves_the_key_free(client, endpoint, runs):
+    first = send(client, endpoint, suffix="?behaviour=500")
+    retry = send(client, endpoint, suffix="?behaviour=500")
+
+    assert first.status_code == retry.status_code == 500
+    assert not retry.has_header("Idempotent-Replayed")
+    assert len(runs) == 2
+    assert IdempotencyKey.objects.count() == 0
+    assert charges_written() == (0 if endpoint.atomic else 2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_server_error_is_stored_when_the_setting_says_so(client, endpoint, runs, settings):
+    settings.IDEMPOTENCY_STORE_SERVER_ERRORS = True
+
+    first = send(client, endpoint, suffix="?behaviour=500")
+    retry = send(client, endpoint, suffix="?behaviour=500")
+
+    assert retry["Idempotent-Replayed"] == "true"
+    assert (retry.status_code, retry.content) == (500, first.content)
+    assert len(runs) == 1
+
+
+def test_returned_client_error_is_stored_and_replayed(client, endpoint, runs):
+    first = send(client, endpoint, suffix="?behaviour=400")
+    retry = send(client, endpoint, suffix="?behaviour=400")
+
+    assert first.status_code == 400
+    assert retry["Idempotent-Replayed"] == "true"
+    assert retry.content == first.content
+    assert len(runs) == 1
+
+
+@pytest.mark.parametrize("behaviour", ["stream", "large"])
+def test_response_that_cannot_be_stored_is_never_rerun_nor_replayed(
+    client, endpoint, runs, settings, behaviour
+):
+    settings.IDEMPOTENCY_MAX_RESPONSE_SIZE = 1000
+
+    first = send(client, endpoint, suffix=f"?behaviour={behaviour}")
+    retry = send(client, endpoint, suffix=f"?behaviour={behaviour}")
+
+    body = assert_problem(retry, 409, "idempotency_response_not_stored")
+    assert body["original_status"] == first.status_code
+    assert len(runs) == 1
+    assert IdempotencyKey.objects.get().response_body is None
+
+
+# -- Authentication and scope ---------------------------------------------------------------
+
+
+def test_key_is_scoped_to_the_user_drf_authenticated(
+    client, endpoint, runs, alice, bob, basic_auth
+):
+    alice_first = send(client, endpoint, **basic_auth(alice))
+    bob_first = send(client, endpoint, **basic_auth(bob))
+    alice_retry = send(client, endpoint, **basic_auth(alice))
+    bob_retry = send(client, endpoint, **basic_auth(bob))
+
+    assert not bob_first.has_header("Idempotent-Replayed")
+    assert alice_retry.content == alice_first.content
+    assert bob_retry.content == bob_first.content
+    assert alice_retry["Idempotent-Replayed"] == bob_retry["Idempotent-Replayed"] == "true"
+    assert len(runs) == 2
+    assert set(IdempotencyKey.objects.values_list("scope", flat=True)) == {
+        f"user:{alice.pk}",
+        f"user:{bob.pk}",
+    }
+
+
+def test_idempotent_under_api_view_is_scoped_to_the_user_drf_authenticated(
+    client, runs, alice, bob, basic_auth
+):
+    endpoint = Endpoint("api_view", "post", "/api/")
+
+    alice_first = send(client, endpoint, **basic_auth(alice))
+    bob_first = send(client, endpoint, **basic_auth(bob))
+    alice_retry = send(client, endpoint, **basic_auth(alice))
+
+    assert not bob_first.has_header("Idempotent-Replayed")
+    assert alice_retry.content == alice_first.content
+    assert len(runs) == 2
+    assert set(IdempotencyKey.objects.values_list("scope", flat=True)) == {
+        f"user:{alice.pk}",
+        f"user:{bob.pk}",
+    }
+
+
+def test_anonymous_caller_never_gets_a_users_response(client, endpoint, runs, alice, basic_auth):
+    send(client, endpoint, **basic_auth(alice))
+    anonymous = send(client, endpoint)
+
+    assert not anonymous.has_header("Idempotent-Replayed")
+    assert len(runs) == 2
+
+
+def test_session_client_is_scoped_to_its_user(api_client, alice, runs):
+    first = api_client.post(
+        "/viewset/charges/", BODY, format="json", headers={"Idempotency-Key": KEY}
+    )
+    retry = api_client.post(
+        "/viewset/charges/", BODY, format="json", headers={"Idempotency-Key": KEY}
+    )
+
+    assert first.status_code == 201
+    assert retry["Idempotent-Replayed"] == "true"
+    assert IdempotencyKey.objects.get().scope == f"user:{alice.pk}"
+
+
+def test_request_refused_by_a_permission_claims_nothing(db, runs):
+    class Private(IdempotentMixin, APIView):
+        permission_classes = [IsAuthenticated]
+
+        def post(self, request):
+            runs.append("private")
+            return Response(status=201)
+
+    request = APIRequestFactory().post("/private/", BODY, format="json", HTTP_IDEMPOTENCY_KEY=KEY)
+    response = Private.as_view()(request)
+
+    assert response.status_code in (401, 403)
+    assert runs == []
+    assert IdempotencyKey.objects.count() == 0
+
+
+# -- Per-view attributes and class order ------------------------------------------------------
+
+
+def _call(view_class, method: str, key: str = KEY):
+    request = getattr(APIRequestFactory(), method)(
+        "/attributes/", BODY, format="json", HTTP_IDEMPOTENCY_KEY=key
+    )
+    return view_class.as_view()(request)
+
+
+def test_ttl_attribute_sets_how_long_the_response_is_kept(db):
+    class ShortLived(IdempotentMixin, APIView):
+        idempotency_ttl = timedelta(minutes=10)
+
+        def post(self, request):
+            return Response({"ok": True}, status=201)
+
+    _call(ShortLived, "post")
+
+    row = IdempotencyKey.objects.get()
+    assert row.expires_at - row.completed_at == timedelta(minutes=10)
+
+
+def test_methods_attribute_chooses_the_covered_methods(db, runs):
+    class PutOnly(IdempotentMixin, APIView):
+        idempotency_methods = ["put"]
+
+        def post(self, request):
+            runs.append("post")
+            return Response({"n": len(runs)}, status=201)
+
+        put = post
+
+    _call(PutOnly, "post")
+    post_again = _call(PutOnly, "post")
+    _call(PutOnly, "put", key="put-key")
+    put_again = _call(PutOnly, "put", key="put-key")
+
+    assert not post_again.has_header("Idempotent-Replayed")
+    assert put_again["Idempotent-Replayed"] == "true"
+    assert runs == ["post", "post", "post"]
+
+
+def test_required_attribute_refuses_requests_without_key(db, runs):
+    class Required(IdempotentMixin, APIView):
+        idempotency_required = True
+
+        def post(self, request):
+            runs.append("post")
+            return Response(status=201)
+
+    request = APIRequestFactory().post("/attributes/", BODY, format="json")
+    response = Required.as_view()(request)
+
+    assert_problem(response, 400, "idempotency_key_missing")
+    assert runs == []
+
+
+@pytest.mark.parametrize("base", [APIView, ModelViewSet], ids=["APIView", "ModelViewSet"])
+def test_mixin_listed_after_the_drf_class_is_refused_with_the_right_order(base):
+    with pytest.raises(TypeError) as excinfo:
+        type("OrderView", (base, IdempotentMixin), {})
+
+    message = str(excinfo.value)
+    assert "list IdempotentMixin before" in message
+    assert f"class OrderView(IdempotentMixin, {base.__name__})" in message
+
+
+def test_mixin_listed_first_is_accepted():
+    view = type("OrderView", (IdempotentMixin, ModelViewSet), {})
+
+    assert view.__mro__.index(IdempotentMixin) < view.__mro__.index(ModelViewSet)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_mixin_keeps_its_promises_under_atomic_requests(client, existing_charge, runs, monkeypatch):
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    endpoint = _endpoint("viewset create", existing_charge)
+
+    rejected = send(client, endpoint, {"amount": -1})
+    server_error = send(client, endpoint, suffix="?behaviour=500")
+    first = send(client, endpoint)
+    retry = send(client, endpoint)
+
+    assert (rejected.status_code, server_error.status_code) == (400, 500)
+    assert first.status_code == 201
+    assert retry["Idempotent-Replayed"] == "true"
+    assert retry.content == first.content
+    assert len(runs) == 3
+    assert charges_written() == 1
+    assert IdempotencyKey.objects.count() == 1
