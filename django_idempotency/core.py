@@ -525,5 +525,7 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stopped.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        # Don't wait long: a renewal in flight can be stuck behind our own transaction (an
+        # uncommitted claim under ATOMIC_REQUESTS on MariaDB), which only ends after we
+        # return. Renewals are fenced on the unfinished state, so a late one changes nothing.
+        self._thread.join(timeout=0.5)

@@ -1,0 +1,106 @@
+"""Query budgets (issue #2): a replay costs at most 2 queries; a first execution at most 4 on
+top of the view's own, measured against an undecorated twin of the same view.
+
+Asserted on whichever database the suite runs on: SQLite, PostgreSQL and MariaDB.
+
+Transaction boundaries (``BEGIN``, ``COMMIT``, ``ROLLBACK``), which Django logs as queries,
+are counted separately: the atomic mode needs one transaction around the view by design
+(DESIGN.md, "Two execution modes"), so its boundaries are the price of the mode rather than
+queries the package chose to send. Every other statement counts, savepoints included.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+# transaction=True: a plain django_db test runs inside a transaction of its own, so every
+# atomic() the package opens would become a SAVEPOINT / RELEASE SAVEPOINT pair and the atomic
+# mode's own BEGIN / COMMIT would never be sent: we would be counting the test harness, not
+# what a request costs in production.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BODY = {"amount": 7}
+TRANSACTION_BOUNDARIES = ("BEGIN", "COMMIT", "ROLLBACK")
+
+VIEWS = [
+    pytest.param("/race/atomic/", "/race/plain/", id="decorator-atomic"),
+    pytest.param("/race/lease/", "/race/plain/", id="decorator-lease"),
+    pytest.param("/race/async/", "/race/async/plain/", id="decorator-async"),
+    pytest.param("/race/drf/", "/race/drf/plain/", id="mixin"),
+]
+
+
+def send(url: str, key: str | None) -> tuple[int, bool, list[str]]:
+    """POST once; return the status, whether it was a replay, and the SQL sent."""
+    headers = {"Idempotency-Key": key} if key else {}
+    with CaptureQueriesContext(connection) as captured:
+        response = Client().post(
+            f"{url}?note={uuid.uuid4().hex[:12]}",
+            BODY,
+            content_type="application/json",
+            headers=headers,
+        )
+    replayed = response.get("Idempotent-Replayed") == "true"
+    return response.status_code, replayed, [query["sql"] for query in captured.captured_queries]
+
+
+def statements(queries: list[str]) -> list[str]:
+    return [sql for sql in queries if not sql.upper().startswith(TRANSACTION_BOUNDARIES)]
+
+
+def listing(queries: list[str]) -> str:
+    return "\n".join(f"  {sql[:160]}" for sql in queries)
+
+
+@pytest.fixture(autouse=True)
+def _warm_up(request):
+    """One run of each view first, so lazily fetched server facts are not counted."""
+    for url in ("/race/plain/", "/race/async/plain/", "/race/drf/plain/"):
+        send(url, None)
+    send("/race/atomic/", f"warm-up-{uuid.uuid4()}")
+
+
+@pytest.mark.parametrize(("url", "twin"), VIEWS)
+def test_first_execution_costs_at_most_four_queries_on_top_of_the_views_own(url, twin):
+    status, _, own = send(twin, None)
+    assert status == 201
+
+    status, replayed, first = send(url, f"budget-{uuid.uuid4()}")
+
+    assert (status, replayed) == (201, False)
+    extra = len(statements(first)) - len(statements(own))
+    assert extra <= 4, (
+        f"{extra} statements on top of the view's {len(statements(own))} "
+        f"({len(first)} queries in all, transaction boundaries included):\n{listing(first)}"
+    )
+
+
+@pytest.mark.parametrize("url", [view.values[0] for view in VIEWS], ids=[view.id for view in VIEWS])
+def test_replay_costs_at_most_two_queries(url, django_assert_max_num_queries):
+    key = f"budget-{uuid.uuid4()}"
+    # The replay must send the same request (same note) as the first execution.
+    note = uuid.uuid4().hex[:12]
+    client = Client()
+    first = client.post(
+        f"{url}?note={note}",
+        BODY,
+        content_type="application/json",
+        headers={"Idempotency-Key": key},
+    )
+    assert first.status_code == 201
+
+    with django_assert_max_num_queries(2):
+        replay = client.post(
+            f"{url}?note={note}",
+            BODY,
+            content_type="application/json",
+            headers={"Idempotency-Key": key},
+        )
+
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.content == first.content
