@@ -11,6 +11,9 @@ urlpatterns = [
     path("wait/", race_views.effect_wait),
     path("async/plain/", race_views.effect_async_plain),
     path("async/", race_views.effect_async),
-    path("drf/plain/", race_views.PlainEffectAPIView.as_view()),
-    path("drf/", race_views.EffectAPIView.as_view()),
 ]
+if race_views.HAS_DRF:
+    urlpatterns += [
+        path("drf/plain/", race_views.PlainEffectAPIView.as_view()),
+        path("drf/", race_views.EffectAPIView.as_view()),
+    ]

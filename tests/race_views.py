@@ -26,12 +26,10 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import JsonResponse
-from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from django_idempotency.decorators import idempotent
-from django_idempotency.rest_framework import IdempotentMixin
 from tests.models import Charge
+from tests.views import HAS_DRF
 
 _lock = threading.Lock()
 _runs: Counter[str] = Counter()
@@ -172,13 +170,18 @@ async def effect_async(request):
     return _json(await _run_async(request))
 
 
-class PlainEffectAPIView(APIView):
-    """The undecorated twin of :class:`EffectAPIView`."""
+if HAS_DRF:  # the tox "minimal" env runs without DRF
+    from rest_framework.response import Response
+    from rest_framework.views import APIView
 
-    def post(self, request):
-        data = _run(request)
-        return Response(data, status=201, headers={"Location": f"/charges/{data['charge']}"})
+    from django_idempotency.rest_framework import IdempotentMixin
 
+    class PlainEffectAPIView(APIView):
+        """The undecorated twin of :class:`EffectAPIView`."""
 
-class EffectAPIView(IdempotentMixin, PlainEffectAPIView):
-    pass
+        def post(self, request):
+            data = _run(request)
+            return Response(data, status=201, headers={"Location": f"/charges/{data['charge']}"})
+
+    class EffectAPIView(IdempotentMixin, PlainEffectAPIView):
+        pass
