@@ -1,0 +1,164 @@
+"""The database store when its database goes away mid-request, and its column limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import timedelta
+
+import pytest
+from django.http import JsonResponse
+from django.test import RequestFactory
+
+from django_idempotency.conf import get_store
+from django_idempotency.core import Execution
+from django_idempotency.decorators import idempotent
+from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import ClaimRequest, DatabaseStore
+from tests.conftest import OFFLINE_ALIAS
+from tests.models import Charge
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class SwitchableStore(DatabaseStore):
+    """The database store, whose database a test can take away while a view runs."""
+
+
+@pytest.fixture
+def store(settings, offline_store):
+    # offline_store adds the unreachable alias; this store starts on the real database.
+    settings.IDEMPOTENCY_STORE = "tests.test_stores.SwitchableStore"
+    store = get_store()
+    store.using = None
+    yield store
+    store.using = None
+
+
+def post(view, key="k-1", **extra):
+    request = RequestFactory().post(
+        "/charges/",
+        json.dumps({"amount": 5}),
+        content_type="application/json",
+        headers={"Idempotency-Key": key},
+        **extra,
+    )
+    return view(request)
+
+
+def charging_view_that_loses_the_store(store):
+    def view(request):
+        charge = Charge.objects.create(amount=5)
+        store.using = OFFLINE_ALIAS  # the key database goes away while the view runs
+        return JsonResponse({"id": charge.pk}, status=201)
+
+    return view
+
+
+def test_atomic_mode_answers_503_and_rolls_back_when_the_response_cannot_be_stored(store):
+    view = idempotent(charging_view_that_loses_the_store(store))
+
+    response = post(view)
+
+    assert response.status_code == 503
+    assert response["Content-Type"] == "application/problem+json"
+    assert json.loads(response.content)["code"] == "idempotency_store_unavailable"
+    assert response["Retry-After"] == "1"
+    assert Charge.objects.count() == 0  # nothing happened, as the 503 says
+
+
+def test_lease_mode_returns_the_views_answer_when_the_response_cannot_be_stored(store, caplog):
+    view = idempotent(atomic=False)(charging_view_that_loses_the_store(store))
+
+    with caplog.at_level(logging.ERROR, logger="django_idempotency"):
+        response = post(view)
+
+    # The view ran and committed: its answer is the truth, not a 503.
+    assert response.status_code == 201
+    assert Charge.objects.count() == 1
+    assert "Could not store the response" in caplog.text
+    # The claim stays, so retries are held off until its lease passes.
+    row = IdempotencyKey.objects.get()
+    assert row.state == IdempotencyKey.State.IN_PROGRESS
+    assert row.locked_until is not None
+
+
+def test_heartbeat_keeps_beating_after_a_failed_renewal(store, settings, caplog):
+    settings.IDEMPOTENCY_LOCK_TTL = timedelta(milliseconds=300)
+    renewed = threading.Event()
+
+    def view(request):
+        store.using = OFFLINE_ALIAS  # renewals fail...
+        threading.Event().wait(0.25)
+        store.using = None  # ...then succeed again
+        renewed.wait(timeout=5)
+        return JsonResponse({}, status=201)
+
+    original_renew = DatabaseStore.renew
+
+    def renew(self, claim, *, lease):
+        result = original_renew(self, claim, lease=lease)
+        if result:
+            renewed.set()
+        return result
+
+    SwitchableStore.renew = renew
+    try:
+        with caplog.at_level(logging.WARNING, logger="django_idempotency"):
+            response = post(idempotent(atomic=False)(view))
+    finally:
+        del SwitchableStore.renew
+
+    assert response.status_code == 201
+    assert renewed.is_set()
+    assert "Could not renew the lease" in caplog.text
+
+
+def test_overlong_custom_fingerprint_is_stored_as_its_digest(settings):
+    settings.IDEMPOTENCY_FINGERPRINT = "tests.test_stores.overlong_fingerprint"
+    view = idempotent(lambda request: JsonResponse({}, status=201))
+
+    first = post(view)
+    replay = post(view)
+
+    assert first.status_code == 201
+    assert replay["Idempotent-Replayed"] == "true"
+    assert len(IdempotencyKey.objects.get().fingerprint) == 64
+
+
+def overlong_fingerprint(request) -> str:
+    return request.method + ":" + "x" * 500
+
+
+def test_keys_and_scopes_are_compared_exactly_on_every_database():
+    store = DatabaseStore()
+    claims = [
+        ClaimRequest(
+            scope=scope,
+            key=key,
+            fingerprint="f",
+            method="POST",
+            path="/",
+            token=f"t{n}",
+            ttl=timedelta(hours=1),
+        )
+        for n, (scope, key) in enumerate(
+            [("acme", "abc"), ("acme", "ABC"), ("acme", "abc "), ("ACME", "abc")]
+        )
+    ]
+
+    owners = [store.claim(claim, lease=timedelta(seconds=30)).owner_token for claim in claims]
+
+    assert owners == ["t0", "t1", "t2", "t3"]  # four keys, each claimed by its own request
+    assert IdempotencyKey.objects.count() == 4
+
+
+def test_execution_outside_a_covered_request_does_nothing():
+    execution = Execution()
+    request = RequestFactory().get("/")
+
+    assert execution.begin(request) is None
+    response = JsonResponse({})
+    assert execution.finish(request, response) is response
+    assert IdempotencyKey.objects.count() == 0
