@@ -1,24 +1,236 @@
-"""System checks for django-idempotency's settings and database."""
+"""System checks for django-idempotency's settings and database.
+
+Ids are stable and never reused; each is described on the docs' checks page. A setting of the
+wrong type is reported here, at startup, rather than by the first request that reads it.
+"""
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core import checks
+from django.utils.module_loading import import_string
+
+from django_idempotency.conf import conf
+
+CheckMessages = list[checks.CheckMessage]
+
+# RFC 9110 "token": the characters a header field name (and a method name) may hold.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# What core calls on a store (the ``Store`` protocol in ``stores.py``).
+_STORE_METHODS = ("get", "claim", "lock", "complete", "release", "renew")
+# Cache backends whose entries other processes cannot see.
+_PRIVATE_CACHES = frozenset(
+    {
+        "django.core.cache.backends.locmem.LocMemCache",
+        "django.core.cache.backends.dummy.DummyCache",
+    }
+)
 
 
 def register() -> None:
+    checks.register(check_settings)
+    checks.register(check_replay_cache, checks.Tags.caches)
     checks.register(check_database, checks.Tags.database)
 
 
-def check_database(
-    app_configs: Any = None, databases: Any = None, **kwargs: Any
-) -> list[checks.CheckMessage]:
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _error(setting: str, problem: str, id: str, hint: str | None = None) -> checks.Error:
+    return checks.Error(f"{setting} {problem}", hint=hint, id=id)
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """The type and range of every ``IDEMPOTENCY_*`` setting, and that dotted paths import."""
+    return [
+        *_check_header(),
+        *_check_bool("IDEMPOTENCY_REQUIRED", conf.IDEMPOTENCY_REQUIRED, "django_idempotency.E002"),
+        *_check_methods(),
+        *_check_duration(
+            "IDEMPOTENCY_TTL", conf.IDEMPOTENCY_TTL, "django_idempotency.E004", zero_allowed=False
+        ),
+        *_check_duration(
+            "IDEMPOTENCY_WAIT", conf.IDEMPOTENCY_WAIT, "django_idempotency.E005", zero_allowed=True
+        ),
+        *_check_duration(
+            "IDEMPOTENCY_LOCK_TTL",
+            conf.IDEMPOTENCY_LOCK_TTL,
+            "django_idempotency.E006",
+            zero_allowed=False,
+        ),
+        *_check_store(),
+        *_check_callable("IDEMPOTENCY_SCOPE", conf.IDEMPOTENCY_SCOPE, "django_idempotency.E008"),
+        *_check_callable(
+            "IDEMPOTENCY_FINGERPRINT", conf.IDEMPOTENCY_FINGERPRINT, "django_idempotency.E009"
+        ),
+        *_check_integer(
+            "IDEMPOTENCY_MAX_RESPONSE_SIZE",
+            conf.IDEMPOTENCY_MAX_RESPONSE_SIZE,
+            "django_idempotency.E010",
+            minimum=0,
+        ),
+        *_check_bool(
+            "IDEMPOTENCY_STORE_SERVER_ERRORS",
+            conf.IDEMPOTENCY_STORE_SERVER_ERRORS,
+            "django_idempotency.E011",
+        ),
+        *_check_integer(
+            "IDEMPOTENCY_PURGE_BATCH_SIZE",
+            conf.IDEMPOTENCY_PURGE_BATCH_SIZE,
+            "django_idempotency.E013",
+            minimum=1,
+        ),
+    ]
+
+
+def _check_header() -> CheckMessages:
+    value = conf.IDEMPOTENCY_HEADER
+    if isinstance(value, str) and _TOKEN.match(value):
+        return []
+    return [
+        _error(
+            "IDEMPOTENCY_HEADER",
+            f"must be a header name (letters, digits and !#$%&'*+-.^_`|~), not {_describe(value)}.",
+            "django_idempotency.E001",
+            hint='The default is "Idempotency-Key".',
+        )
+    ]
+
+
+def _check_bool(setting: str, value: object, id: str) -> CheckMessages:
+    if isinstance(value, bool):
+        return []
+    return [_error(setting, f"must be True or False, not {_describe(value)}.", id)]
+
+
+def _check_methods() -> CheckMessages:
+    # Read as written: conf normalises the value (a str would become a set of letters).
+    value = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(method, str) and _TOKEN.match(method) for method in value
+    ):
+        return [
+            _error(
+                "IDEMPOTENCY_METHODS",
+                f"must be a list or tuple of HTTP method names, not {_describe(value)}.",
+                "django_idempotency.E003",
+                hint='For example ("POST", "PATCH", "PUT", "DELETE").',
+            )
+        ]
+    safe = sorted({method.upper() for method in value} & _SAFE_METHODS)
+    if not safe:
+        return []
+    return [
+        checks.Warning(
+            f"IDEMPOTENCY_METHODS lists {', '.join(safe)}: safe methods are never covered, "
+            "so listing them has no effect.",
+            hint="Remove them from IDEMPOTENCY_METHODS.",
+            id="django_idempotency.W002",
+        )
+    ]
+
+
+def _check_duration(setting: str, value: object, id: str, *, zero_allowed: bool) -> CheckMessages:
+    if isinstance(value, timedelta) and (
+        value > timedelta(0) or (zero_allowed and value == timedelta(0))
+    ):
+        return []
+    wanted = "a datetime.timedelta of zero or more" if zero_allowed else "a positive timedelta"
+    return [
+        _error(
+            setting,
+            f"must be {wanted}, not {_describe(value)}.",
+            id,
+            hint=f"Durations are timedelta objects: {setting} = timedelta(seconds=30).",
+        )
+    ]
+
+
+def _check_integer(setting: str, value: object, id: str, *, minimum: int) -> CheckMessages:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return []
+    wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
+    return [_error(setting, f"must be {wanted}, not {_describe(value)}.", id)]
+
+
+def _import(setting: str, path: object, id: str) -> tuple[Any, CheckMessages]:
+    """The object that the dotted path ``path`` names, or the error that says why not."""
+    if not isinstance(path, str):
+        return None, [_error(setting, f"must be a dotted path, not {_describe(path)}.", id)]
+    try:
+        return import_string(path), []
+    except ImportError as exc:
+        return None, [_error(setting, f"names {path!r}, which cannot be imported: {exc}", id)]
+
+
+def _check_store() -> CheckMessages:
+    store, errors = _import("IDEMPOTENCY_STORE", conf.IDEMPOTENCY_STORE, "django_idempotency.E007")
+    if errors:
+        return errors
+    missing = [name for name in _STORE_METHODS if not callable(getattr(store, name, None))]
+    if not hasattr(store, "supports_atomic"):
+        missing.append("supports_atomic")
+    if callable(store) and not missing:
+        return []
+    return [
+        _error(
+            "IDEMPOTENCY_STORE",
+            f"names {conf.IDEMPOTENCY_STORE!r}, which is not a store class"
+            + (f": it has no {', '.join(missing)}." if missing else "."),
+            "django_idempotency.E007",
+            hint="A store implements django_idempotency.stores.Store; see docs/stores.md.",
+        )
+    ]
+
+
+def _check_callable(setting: str, path: object, id: str) -> CheckMessages:
+    function, errors = _import(setting, path, id)
+    if errors or callable(function):
+        return errors
+    return [_error(setting, f"names {path!r}, which is not callable.", id)]
+
+
+def check_replay_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """``IDEMPOTENCY_REPLAY_CACHE`` names a configured cache that every process shares."""
+    alias = conf.IDEMPOTENCY_REPLAY_CACHE
+    if alias is None:
+        return []
+    caches: dict[str, dict[str, Any]] = settings.CACHES
+    if not isinstance(alias, str) or alias not in caches:
+        return [
+            _error(
+                "IDEMPOTENCY_REPLAY_CACHE",
+                f"must be None or the alias of a cache in CACHES, not {_describe(alias)}.",
+                "django_idempotency.E012",
+                hint=f"Configured caches: {', '.join(sorted(caches)) or 'none'}.",
+            )
+        ]
+    backend = caches[alias].get("BACKEND", "")
+    if backend not in _PRIVATE_CACHES:
+        return []
+    return [
+        checks.Warning(
+            f"IDEMPOTENCY_REPLAY_CACHE names the cache {alias!r}, whose backend {backend} "
+            "is not shared between processes: each worker would keep its own copy.",
+            hint="Use a shared cache, such as Redis through django-redis.",
+            id="django_idempotency.W003",
+        )
+    ]
+
+
+def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> CheckMessages:
+    """Warn about a keys database without row locks unless it takes the write lock at BEGIN."""
     from django.db import connections, router
 
     from django_idempotency.models import IdempotencyKey
 
-    messages: list[checks.CheckMessage] = []
+    messages: CheckMessages = []
     alias = router.db_for_write(IdempotencyKey)
     if databases is None or alias not in databases:
         return messages

@@ -77,6 +77,10 @@ class Settings:
     def IDEMPOTENCY_REPLAY_CACHE(self) -> str | None:
         return getattr(settings, "IDEMPOTENCY_REPLAY_CACHE", None)
 
+    @property
+    def IDEMPOTENCY_PURGE_BATCH_SIZE(self) -> int:
+        return getattr(settings, "IDEMPOTENCY_PURGE_BATCH_SIZE", 1000)
+
 
 conf = Settings()
 

@@ -2,24 +2,297 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
 
-from django.db import models
+from django.db import OperationalError, connections, models, router, transaction
+from django.db.models import Q
+from django.db.models.deletion import Collector
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
-if TYPE_CHECKING:
-    from django.db.models.query import QuerySet
+from django_idempotency.conf import conf
 
 
 class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
-    def expired(self) -> QuerySet[IdempotencyKey]:
+    """Queries on keys. Every deadline is compared with the database's clock (``Now()``).
+
+    ``purge()`` and ``release_stale()`` act on the keys of the queryset they are called on
+    (``IdempotencyKey.objects`` for all of them, or a filtered queryset, as the admin's actions
+    do), a batch of primary keys at a time, each batch in its own short transaction.
+    """
+
+    def expired(self) -> IdempotencyKeyQuerySet:
         """Keys whose TTL has passed, compared on the database clock."""
         return self.filter(expires_at__lte=Now())
 
-    def live(self) -> QuerySet[IdempotencyKey]:
+    def live(self) -> IdempotencyKeyQuerySet:
         """Keys whose TTL has not passed yet, compared on the database clock."""
         return self.filter(expires_at__gt=Now())
+
+    def stale(self, *, lease: timedelta | None = None) -> IdempotencyKeyQuerySet:
+        """Unfinished keys whose request may have died: candidates for release.
+
+        A lease-mode key is stale once its lease deadline has passed (a live request keeps
+        renewing it). An atomic-mode key has no deadline: its live request holds its row lock
+        instead. It is a candidate once it is older than ``lease`` (default
+        ``IDEMPOTENCY_LOCK_TTL``); :meth:`release_stale` and ``purge(stale_leases=True)`` then
+        skip it while a request holds its row lock.
+        """
+        return self.filter(self._stale_q(conf.IDEMPOTENCY_LOCK_TTL if lease is None else lease))
+
+    def _stale_q(self, lease: timedelta) -> Q:
+        return Q(state=self.model.State.IN_PROGRESS) & (
+            Q(locked_until__lte=Now()) | Q(locked_until__isnull=True, created_at__lte=Now() - lease)
+        )
+
+    def purgeable(
+        self, *, older_than: timedelta | None = None, stale_leases: bool = False
+    ) -> IdempotencyKeyQuerySet:
+        """The keys that :meth:`purge` with these arguments would delete, if none were held.
+
+        Expired keys (at least ``older_than`` ago), except unfinished keys whose lease is still
+        running, whatever their TTL says; with ``stale_leases``, the :meth:`stale` keys too.
+        """
+        if older_than is not None and older_than < timedelta(0):
+            raise ValueError(f"older_than must not be negative, not {older_than!r}.")
+        cutoff = Now() - older_than if older_than else Now()
+        expired = Q(expires_at__lte=cutoff) & (
+            Q(state=self.model.State.COMPLETED)
+            | Q(locked_until__isnull=True)
+            | Q(locked_until__lte=Now())
+        )
+        if stale_leases:
+            return self.filter(expired | self._stale_q(conf.IDEMPOTENCY_LOCK_TTL))
+        return self.filter(expired)
+
+    def purge(
+        self,
+        *,
+        batch_size: int | None = None,
+        older_than: timedelta | None = None,
+        stale_leases: bool = False,
+        using: str | None = None,
+    ) -> int:
+        """Delete the expired keys of this queryset in batches; return how many were deleted.
+
+        See :meth:`purge_batches` for the arguments; this is that generator run to its end::
+
+            IdempotencyKey.objects.purge()  # e.g. from a Celery beat task
+        """
+        return sum(
+            self.purge_batches(
+                batch_size=batch_size,
+                older_than=older_than,
+                stale_leases=stale_leases,
+                using=using,
+            )
+        )
+
+    def purge_batches(
+        self,
+        *,
+        batch_size: int | None = None,
+        older_than: timedelta | None = None,
+        stale_leases: bool = False,
+        using: str | None = None,
+    ) -> Iterator[int]:
+        """Delete expired keys one batch at a time, yielding the number deleted by each batch.
+
+        Each batch selects up to ``batch_size`` primary keys (default
+        ``IDEMPOTENCY_PURGE_BATCH_SIZE``) and deletes them in one short transaction, committed
+        before the batch is yielded, so stopping between batches loses nothing. Rows that a
+        live request holds are never deleted: rows locked by another transaction are skipped
+        (``SKIP LOCKED``, where the database has it), and so are unfinished keys whose lease
+        is still running, even past their TTL. Two purges running at once skip each other's
+        batches.
+
+        ``older_than`` keeps keys that expired less than that long ago. ``stale_leases`` also
+        deletes the :meth:`stale` keys, expired or not, once the expired ones are done.
+        ``using`` names the database; by default the router's choice for writing keys.
+        Raises ``ValueError`` for a batch size below 1 or a negative ``older_than``.
+        """
+        alias = self._write_alias(using)
+        batch_size = _batch_size(batch_size)
+        expired = self.purgeable(older_than=older_than)
+        yield from _delete_in_batches(expired, alias, batch_size, ("expires_at", "pk"))
+        if stale_leases:
+            yield from self._release_batches(alias, batch_size)
+
+    def release_stale(self, *, batch_size: int | None = None, using: str | None = None) -> int:
+        """Delete this queryset's :meth:`stale` keys that no live request holds; return the count.
+
+        Releasing frees the key, as the core does when a view raises: the next request with
+        that key runs the view.
+        """
+        return sum(self._release_batches(self._write_alias(using), _batch_size(batch_size)))
+
+    def _release_batches(self, alias: str, batch_size: int) -> Iterator[int]:
+        stale = self.stale()
+        features = connections[alias].features
+        if features.has_select_for_update and not features.has_select_for_update_skip_locked:
+            # Without SKIP LOCKED a held atomic-mode row cannot be told from an abandoned one.
+            stale = stale.filter(locked_until__isnull=False)
+        return _delete_in_batches(stale, alias, batch_size, ("pk",))
+
+    def _write_alias(self, using: str | None) -> str:
+        """``using``, else the database this queryset was pinned to, else the router's choice."""
+        pinned: str | None = self._db  # type: ignore[attr-defined]
+        return using or pinned or router.db_for_write(self.model)
+
+
+def _batch_size(batch_size: int | None) -> int:
+    size = conf.IDEMPOTENCY_PURGE_BATCH_SIZE if batch_size is None else batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {size!r}.")
+    return size
+
+
+def _delete_in_batches(
+    candidates: IdempotencyKeyQuerySet, alias: str, batch_size: int, order: tuple[str, ...]
+) -> Iterator[int]:
+    """Delete ``candidates`` a batch at a time, walking them in ``order`` (ending with pk).
+
+    Each batch starts after the last row of the previous one (keyset pagination), so it never
+    scans again the index entries of rows already deleted, or skipped because they were held.
+    """
+    connection = connections[alias]
+    candidates = candidates.using(alias).order_by()
+    # On PostgreSQL a batch is one statement, unless deleting the rows takes more than a plain
+    # DELETE (a project's delete signals, or rows of its models that cascade).
+    one_statement = connection.vendor == "postgresql" and Collector(
+        using=alias, origin=candidates
+    ).can_fast_delete(candidates)
+    after = Q()
+    while True:
+        attempt = 1
+        while True:
+            # A deadlock rolls back the whole transaction: retry only a batch that owns it.
+            outermost = not connection.in_atomic_block
+            try:
+                selected, deleted, last = _delete_batch(
+                    candidates.filter(after), alias, batch_size, order, one_statement
+                )
+                break
+            except OperationalError as exc:
+                if not (outermost and _deadlock(exc)) or attempt == _DEADLOCK_ATTEMPTS:
+                    raise
+                attempt += 1
+        if selected:
+            yield deleted
+        if last is None or selected < batch_size:
+            return
+        after = _after(order, last)
+
+
+#: How often a batch that a deadlock rolled back is tried again.
+_DEADLOCK_ATTEMPTS = 5
+
+
+def _deadlock(exc: OperationalError) -> bool:
+    cause = exc.__cause__
+    if getattr(cause, "sqlstate", None) in ("40P01", "40001"):  # PostgreSQL
+        return True
+    args: tuple[Any, ...] = getattr(cause, "args", ())
+    return args[:1] == (1213,)  # MySQL/MariaDB ER_LOCK_DEADLOCK
+
+
+def _delete_batch(
+    candidates: IdempotencyKeyQuerySet,
+    alias: str,
+    batch_size: int,
+    order: tuple[str, ...],
+    one_statement: bool,
+) -> tuple[int, int, tuple[Any, ...] | None]:
+    """One batch, in one transaction: how many rows it selected, deleted, and the last one."""
+    connection = connections[alias]
+    skip_locked = connection.features.has_select_for_update_skip_locked
+    outermost = not connection.in_atomic_block
+    with transaction.atomic(using=alias):
+        rows = candidates.order_by(*order)
+        if skip_locked:
+            rows = rows.select_for_update(skip_locked=True)
+        rows = rows[:batch_size]
+        if one_statement:
+            selected, last = _delete_batch_postgresql(
+                connection, rows, order, synchronous=not outermost
+            )
+            return selected, selected, last
+        found = list(rows.values_list(*order))
+        if not found:
+            return 0, 0, None
+        # Where the database has row locks the rows are ours until the commit: delete them by
+        # primary key alone (with the conditions again, MariaDB may range-scan, and lock, the
+        # rows of a concurrent purge). Without row locks (SQLite) the statement that deletes
+        # checks the conditions again.
+        target = rows.model._base_manager.using(alias) if skip_locked else candidates
+        deleted: int = target.filter(pk__in=[row[-1] for row in found]).delete()[0]
+        return len(found), deleted, found[-1]
+
+
+def _delete_batch_postgresql(
+    connection: Any, rows: IdempotencyKeyQuerySet, order: tuple[str, ...], *, synchronous: bool
+) -> tuple[int, tuple[Any, ...] | None]:
+    """Lock and delete the batch ``rows`` selects in one statement; return its size and last row.
+
+    Sending a thousand primary keys back to the server costs more than deleting the rows. The
+    batch's commit need not wait for the disk (``synchronous_commit``): after a crash that
+    loses it, the keys are still expired and the next purge deletes them. Not so when the
+    batch runs inside a caller's transaction, whose own writes must stay durable.
+    """
+    opts = rows.model._meta
+    quote = connection.ops.quote_name
+    columns = [quote(_column(opts, name)) for name in order]
+    select, params = rows.values("pk").query.get_compiler(connection=connection).as_sql()
+    table, pk = quote(opts.db_table), quote(opts.pk.column)
+    returned = ", ".join(columns)
+    descending = ", ".join(f"{column} DESC" for column in columns)
+    sql = (
+        f"WITH batch AS ({select}), "
+        f"deleted AS (DELETE FROM {table} WHERE {pk} IN (SELECT * FROM batch) "
+        f"RETURNING {returned}) "
+        f"SELECT count(*) OVER (), {returned} FROM deleted ORDER BY {descending} LIMIT 1"
+    )
+    with connection.cursor() as cursor:
+        if not synchronous:  # in a caller's transaction, it would apply to the caller's writes
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return 0, None
+    return row[0], tuple(row[1:])
+
+
+def _column(opts: Any, name: str) -> str:
+    column: str = opts.pk.column if name == "pk" else opts.get_field(name).column
+    return column
+
+
+def _after(order: tuple[str, ...], last: tuple[Any, ...]) -> Q:
+    """Rows after ``last`` in ``order``: ``(a, pk) > (x, y)``, with a bound an index can use."""
+    if len(order) == 1:
+        return Q(**{f"{order[0]}__gt": last[0]})
+    (column, _), (value, pk) = order, last
+    return Q(**{f"{column}__gte": value}) & (
+        Q(**{f"{column}__gt": value}) | Q(**{column: value, "pk__gt": pk})
+    )
+
+
+class ExactCharField(models.CharField):  # type: ignore[type-arg]
+    """A ``CharField`` compared byte for byte on every database.
+
+    MySQL's and MariaDB's default collations ignore case and trailing spaces, so ``ABC``,
+    ``abc`` and ``"abc "`` would be one key there. They get a binary, no-pad collation;
+    PostgreSQL and SQLite compare exactly already.
+    """
+
+    def db_parameters(self, connection: Any) -> dict[str, Any]:
+        parameters: dict[str, Any] = super().db_parameters(connection)
+        if connection.vendor == "mysql":
+            mariadb = getattr(connection, "mysql_is_mariadb", False)
+            parameters["collation"] = "utf8mb4_nopad_bin" if mariadb else "utf8mb4_0900_bin"
+        return parameters
 
 
 class IdempotencyKey(models.Model):
@@ -29,8 +302,8 @@ class IdempotencyKey(models.Model):
         IN_PROGRESS = "in_progress", _("in progress")
         COMPLETED = "completed", _("completed")
 
-    scope = models.CharField(_("scope"), max_length=255)
-    key = models.CharField(_("key"), max_length=255)
+    scope = ExactCharField(_("scope"), max_length=255)
+    key = ExactCharField(_("key"), max_length=255)
     state = models.CharField(
         _("state"), max_length=16, choices=State.choices, default=State.IN_PROGRESS
     )
@@ -64,10 +337,17 @@ class IdempotencyKey(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["scope", "key"], name="idempotency_scope_key_uniq"),
         ]
+        # Named, so that a change of Django's naming rule never changes the migration. What
+        # each one serves is in docs/purge.md and docs/admin.md.
         indexes = [
-            models.Index(fields=["expires_at"], name="idempotency_expires_idx"),
-            models.Index(fields=["created_at"], name="idempotency_created_idx"),
+            # The purge walks expired keys in (expires_at, id) order; the expiry filter.
+            models.Index(fields=["expires_at", "id"], name="idempotency_expires_idx"),
+            # The admin's list, newest first, and its date hierarchy.
+            models.Index(fields=["created_at", "id"], name="idempotency_created_idx"),
+            # Unfinished keys and their leases: the release of stale keys, the state filter.
             models.Index(fields=["state", "locked_until"], name="idempotency_state_lease_idx"),
+            # The admin's search by key, across scopes (the unique constraint leads with scope).
+            models.Index(fields=["key"], name="idempotency_key_idx"),
         ]
 
     def __str__(self) -> str:

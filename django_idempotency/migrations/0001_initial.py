@@ -1,6 +1,7 @@
-
 import django.db.models.functions.datetime
 from django.db import migrations, models
+
+import django_idempotency.models
 
 
 class Migration(migrations.Migration):
@@ -15,8 +16,8 @@ class Migration(migrations.Migration):
             name='IdempotencyKey',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('scope', models.CharField(max_length=255, verbose_name='scope')),
-                ('key', models.CharField(max_length=255, verbose_name='key')),
+                ('scope', django_idempotency.models.ExactCharField(max_length=255, verbose_name='scope')),
+                ('key', django_idempotency.models.ExactCharField(max_length=255, verbose_name='key')),
                 ('state', models.CharField(choices=[('in_progress', 'in progress'), ('completed', 'completed')], default='in_progress', max_length=16, verbose_name='state')),
                 ('fingerprint', models.CharField(max_length=64, verbose_name='request fingerprint')),
                 ('method', models.CharField(max_length=16, verbose_name='method')),
@@ -33,7 +34,7 @@ class Migration(migrations.Migration):
             options={
                 'verbose_name': 'idempotency key',
                 'verbose_name_plural': 'idempotency keys',
-                'indexes': [models.Index(fields=['expires_at'], name='idempotency_expires_idx'), models.Index(fields=['created_at'], name='idempotency_created_idx'), models.Index(fields=['state', 'locked_until'], name='idempotency_state_lease_idx')],
+                'indexes': [models.Index(fields=['expires_at', 'id'], name='idempotency_expires_idx'), models.Index(fields=['created_at', 'id'], name='idempotency_created_idx'), models.Index(fields=['state', 'locked_until'], name='idempotency_state_lease_idx'), models.Index(fields=['key'], name='idempotency_key_idx')],
                 'constraints': [models.UniqueConstraint(fields=('scope', 'key'), name='idempotency_scope_key_uniq')],
             },
         ),
