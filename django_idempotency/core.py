@@ -342,10 +342,15 @@ class Execution:
         wait = conf.IDEMPOTENCY_WAIT if options.wait is None else options.wait
         deadline = time.monotonic() + wait.total_seconds()
         delay = 0.01
+        vanished = False
         while True:
             try:
                 replay = self._claim_once(store, claim, atomic=atomic)
             except KeyLocked as locked:
+                if locked.retry_after == 0 and not vanished:
+                    # The row went away under us (released or purged): try once more at once.
+                    vanished = True
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise IdempotencyKeyInProgress(retry_after=locked.retry_after) from None

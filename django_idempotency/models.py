@@ -329,7 +329,7 @@ class IdempotencyKey(models.Model):
         ),
     )
 
-    objects: Any = IdempotencyKeyQuerySet.as_manager()
+    objects = IdempotencyKeyQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("idempotency key")

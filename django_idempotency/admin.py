@@ -1,0 +1,553 @@
+"""A read-only admin for inspecting idempotency keys, releasing stuck ones and purging.
+
+Built to stay fast on a table of millions of keys: no full-table count, filters and a search
+served by the model's indexes, a date hierarchy that reads two index ends instead of scanning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+from http import HTTPStatus
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ORDER_VAR, ChangeList
+from django.contrib.auth import get_permission_codename
+from django.core.paginator import Paginator
+from django.db.models import Max, Min, Q
+from django.http import HttpRequest
+from django.utils import formats, timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.http import parse_header_parameters
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator, capfirst
+from django.utils.timesince import timesince
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from django_idempotency.conf import conf
+from django_idempotency.models import IdempotencyKey, IdempotencyKeyQuerySet
+
+#: Characters of a stored body shown on the detail page; the rest is cut off.
+BODY_DISPLAY_LIMIT = 20_000
+#: The changelist counts matching keys up to this many, never the whole table.
+COUNT_LIMIT = 1_000
+_JSON_TYPES = ("application/json", "application/problem+json")
+_TEXT_TYPES = (
+    "application/xml",
+    "application/javascript",
+    "application/x-www-form-urlencoded",
+    "application/x-ndjson",
+)
+_UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+_PRE = "white-space: pre-wrap; overflow-wrap: anywhere; max-height: 40em; overflow: auto"
+
+
+class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts up to :data:`COUNT_LIMIT` matches (``COUNT(*)`` over a ``LIMIT``), never more."""
+
+    limit = COUNT_LIMIT
+
+    @cached_property
+    def count(self) -> int:
+        return min(self._matches, self.limit)
+
+    @cached_property
+    def capped(self) -> bool:
+        """Whether more keys match than the count says."""
+        return self._matches > self.limit
+
+    @cached_property
+    def _matches(self) -> int:
+        # Without ORDER BY: the database may count along whichever index serves the filters.
+        queryset: Any = self.object_list
+        matches: int = queryset.order_by()[: self.limit + 1].count()
+        return matches
+
+
+class IdempotencyKeyChangeList(ChangeList):
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> Any:
+        # The list shows none of the stored response: don't fetch up to a megabyte per row.
+        queryset = super().get_queryset(request, exclude_parameters)
+        return queryset.defer("response_headers", "response_body")
+
+    def get_ordering(self, request: HttpRequest, queryset: Any) -> list[Any]:
+        if (
+            self.params.get(ExpiryFilter.parameter_name) == "expired"
+            and ORDER_VAR not in self.params
+        ):
+            # Expired keys are the oldest ones: "newest first" would walk the index past every
+            # live key before it found one. "Most recently expired first" reads the expiry index.
+            return ["-expires_at", "-pk"]
+        ordering: list[Any] = super().get_ordering(request, queryset)
+        return ordering
+
+    @cached_property
+    def date_range(self) -> tuple[datetime.datetime | None, datetime.datetime | None]:
+        """When the first and the last key were created: the two ends of the ``created_at`` index.
+
+        The filters are left out on purpose: with them, the first or last match may lie far
+        from the ends of the index (the newest expired key is behind every live one).
+        """
+        bounds = self.root_queryset.aggregate(first=Min("created_at"), last=Max("created_at"))
+        return _local(bounds["first"]), _local(bounds["last"])
+
+    @cached_property
+    def date_hierarchy_links(self) -> dict[str, Any]:
+        """What ``admin/date_hierarchy.html`` shows, without ``SELECT DISTINCT`` over dates.
+
+        Django's own date hierarchy lists the years, months or days that have matching rows,
+        with a ``DISTINCT`` query over every one of them. This lists every year, month or day
+        between the first and the last key instead: some may list no key.
+        """
+        field = str(self.date_hierarchy)
+        names = {part: f"{field}__{part}" for part in ("year", "month", "day")}
+        year, month, day = (self.params.get(names[part]) for part in ("year", "month", "day"))
+        first, last = self.date_range
+        if not (year or month or day) and first and last and first.year == last.year:
+            year = str(first.year)
+            if first.month == last.month:
+                month = str(first.month)
+        links: dict[str, Any] = {
+            "show": True,
+            "field_name": getattr(IdempotencyKey._meta.get_field(field), "verbose_name", field),
+            "back": None,
+            "choices": [],
+        }
+
+        def link(filters: dict[str, Any]) -> str:
+            query_string: str = self.get_query_string(filters, [f"{field}__"])
+            return query_string
+
+        span = (first.date(), last.date()) if first and last else None
+        if year and month and day:
+            date = datetime.date(int(year), int(month), int(day))
+            links["back"] = {
+                "link": link({names["year"]: year, names["month"]: month}),
+                "title": capfirst(formats.date_format(date, "YEAR_MONTH_FORMAT")),
+            }
+            links["choices"] = [{"title": capfirst(formats.date_format(date, "MONTH_DAY_FORMAT"))}]
+        elif year and month:
+            links["back"] = {"link": link({names["year"]: year}), "title": year}
+            links["choices"] = [
+                {
+                    "link": link({names["year"]: year, names["month"]: month, names["day"]: d.day}),
+                    "title": capfirst(formats.date_format(d, "MONTH_DAY_FORMAT")),
+                }
+                for d in _days(int(year), int(month), span)
+            ]
+        elif year:
+            links["back"] = {"link": link({}), "title": _("All dates")}
+            links["choices"] = [
+                {
+                    "link": link({names["year"]: year, names["month"]: d.month}),
+                    "title": capfirst(formats.date_format(d, "YEAR_MONTH_FORMAT")),
+                }
+                for d in _months(int(year), span)
+            ]
+        elif span:
+            links["choices"] = [
+                {"link": link({names["year"]: str(y)}), "title": str(y)}
+                for y in range(span[0].year, span[1].year + 1)
+            ]
+        return links
+
+
+def _days(
+    year: int, month: int, span: tuple[datetime.date, datetime.date] | None
+) -> list[datetime.date]:
+    """The days of ``month`` within ``span``."""
+    if span is None:
+        return []
+    start = datetime.date(year, month, 1)
+    end = (start + datetime.timedelta(days=31)).replace(day=1) - datetime.timedelta(days=1)
+    low, high = max(start, span[0]), min(end, span[1])
+    return [low + datetime.timedelta(days=n) for n in range((high - low).days + 1)]
+
+
+def _months(year: int, span: tuple[datetime.date, datetime.date] | None) -> list[datetime.date]:
+    """The first days of the months of ``year`` within ``span``."""
+    if span is None:
+        return []
+    return [
+        datetime.date(year, month, 1)
+        for month in range(1, 13)
+        if (span[0].year, span[0].month) <= (year, month) <= (span[1].year, span[1].month)
+    ]
+
+
+def _local(value: datetime.datetime | None) -> datetime.datetime | None:
+    if value is not None and timezone.is_aware(value):
+        return timezone.localtime(value)
+    return value
+
+
+# -- Filters: each one is served by an index, or by walking the newest keys first ----------
+
+
+class StateFilter(admin.SimpleListFilter):
+    title = _("state")
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [
+            ("in_progress", _("in progress")),
+            ("stale", _("in progress, stale")),
+            ("completed", _("completed")),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        value = self.value()
+        if value == "stale":
+            return queryset.stale()
+        if value in ("in_progress", "completed"):
+            return queryset.filter(state=value)
+        return queryset
+
+
+class StatusClassFilter(admin.SimpleListFilter):
+    title = _("response status")
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [(f"{digit}xx", f"{digit}xx") for digit in range(1, 6)]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        value = self.value()
+        if value and value[0] in "12345" and value[1:] == "xx":
+            low = int(value[0]) * 100
+            return queryset.filter(response_status__gte=low, response_status__lt=low + 100)
+        return queryset
+
+
+class ExpiryFilter(admin.SimpleListFilter):
+    title = _("expiry")
+    parameter_name = "expiry"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("live", _("live")), ("expired", _("expired"))]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        value = self.value()
+        if value == "live":
+            return queryset.live()
+        if value == "expired":
+            return queryset.expired()
+        return queryset
+
+
+class MethodFilter(admin.SimpleListFilter):
+    """The covered methods, without ``SELECT DISTINCT method`` over the whole table."""
+
+    title = _("method")
+    parameter_name = "method"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        try:
+            configured = set(conf.IDEMPOTENCY_METHODS)
+        except (TypeError, AttributeError):  # a malformed setting: reported by check E003
+            configured = set()
+        methods = sorted(configured.union(_UNSAFE_METHODS))
+        return [(method, method) for method in methods]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        value = self.value()
+        return queryset.filter(method=value) if value else queryset
+
+
+# -- The admin ---------------------------------------------------------------------------------
+
+
+@admin.register(IdempotencyKey)
+class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Look at keys and their stored responses; release stuck keys; purge expired ones.
+
+    Nothing can be added or edited, and a single key cannot be deleted from its page: a key
+    that a live request holds must never disappear under it. The two actions delete only
+    what is safe to delete, with the same queryset methods as ``purge_idempotency_keys``.
+    Stored responses (headers and body) are shown only to users with the model's view
+    permission; a user who reaches the admin through the change permission alone sees
+    everything else.
+    """
+
+    list_display = (
+        "key",
+        "scope",
+        "method",
+        "short_path",
+        "state",
+        "status",
+        "created_at",
+        "expires_at",
+        "age",
+    )
+    list_display_links = ("key",)
+    list_filter = (StateFilter, StatusClassFilter, ExpiryFilter, MethodFilter)
+    # Sorting by an unindexed column would sort the whole table.
+    sortable_by = ("created_at", "expires_at", "age")
+    ordering = ("-created_at",)
+    date_hierarchy = "created_at"
+    search_fields = ("key", "scope", "path")
+    search_help_text = _(
+        "A key or a scope, exactly as stored (for example user:42); or the start of a path, "
+        "beginning with /."
+    )
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    paginator = CappedCountPaginator
+    list_per_page = 50
+    actions = ("purge_expired", "release_stale")
+
+    readonly_fields = (
+        "key",
+        "scope",
+        "state",
+        "method",
+        "path",
+        "fingerprint_display",
+        "created_at",
+        "completed_at",
+        "expires_at",
+        "expiry",
+        "locked_until",
+        "owner_token",
+        "status_display",
+        "headers_table",
+        "body_display",
+        "stored_response_hidden",
+    )
+
+    # Read-only: no add, no edit, no per-key delete.
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Never Django's own deletes: a key's "Delete" button or the "delete selected" action
+        # would delete keys that live requests hold, in one unbatched statement.
+        return False
+
+    def has_purge_permission(self, request: HttpRequest) -> bool:
+        """The two actions, which delete only what is safe, need the model's delete permission."""
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('delete', opts)}")
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return IdempotencyKeyChangeList
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: Any, search_term: str
+    ) -> tuple[Any, bool]:
+        """One term: a path prefix when it starts with ``/``, else an exact key or scope.
+
+        Exact matches use the key index and the (scope, key) unique index. Django's default
+        search (``icontains``, or ``iexact`` / ``istartswith``) wraps the column in ``UPPER()``
+        and can use no index at all.
+        """
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if term.startswith("/"):
+            return queryset.filter(path__startswith=term), False
+        return queryset.filter(Q(key=term) | Q(scope=term)), False
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        response: tuple[str, ...]
+        if self._may_see_stored_response(request):
+            response = ("status_display", "headers_table", "body_display")
+        else:
+            response = ("status_display", "stored_response_hidden")
+        return (
+            (None, {"fields": ("key", "scope", "state", "method", "path", "fingerprint_display")}),
+            (
+                _("Timing"),
+                {"fields": ("created_at", "completed_at", "expires_at", "expiry", "locked_until")},
+            ),
+            (_("Stored response"), {"fields": response}),
+            (_("Internals"), {"fields": ("owner_token",), "classes": ("collapse",)}),
+        )
+
+    def _may_see_stored_response(self, request: HttpRequest) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('view', opts)}")
+
+    # Columns.
+
+    @admin.display(description=_("path"))
+    def short_path(self, obj: IdempotencyKey) -> str:
+        return Truncator(obj.path).chars(60)
+
+    @admin.display(description=_("status"))
+    def status(self, obj: IdempotencyKey) -> int | None:
+        return obj.response_status
+
+    @admin.display(description=_("age"), ordering="-created_at")
+    def age(self, obj: IdempotencyKey) -> str:
+        return timesince(obj.created_at, depth=1)
+
+    # The detail page.
+
+    @admin.display(description=_("request fingerprint"))
+    def fingerprint_display(self, obj: IdempotencyKey) -> SafeString:
+        return format_html("<code>{}</code>", obj.fingerprint)
+
+    @admin.display(description=_("expiry"))
+    def expiry(self, obj: IdempotencyKey) -> str:
+        now = timezone.now()
+        if obj.expires_at <= now:
+            return str(_("expired %(time)s ago") % {"time": timesince(obj.expires_at, now)})
+        return str(_("live for another %(time)s") % {"time": timesince(now, obj.expires_at)})
+
+    @admin.display(description=_("response status"))
+    def status_display(self, obj: IdempotencyKey) -> str:
+        status = obj.response_status
+        if status is None:
+            return str(_("None yet: the request has not finished."))
+        try:
+            return f"{status} {HTTPStatus(status).phrase}"
+        except ValueError:
+            return str(status)
+
+    @admin.display(description=_("response headers"))
+    def headers_table(self, obj: IdempotencyKey) -> SafeString | str:
+        headers = obj.response_headers or []
+        if not headers:
+            return str(_("None stored."))
+        rows = format_html_join(
+            "\n",
+            '<tr><th scope="row">{}</th><td><code>{}</code></td></tr>',
+            ((name, value) for name, value in headers),
+        )
+        return format_html("<table>{}</table>", rows)
+
+    @admin.display(description=_("response body"))
+    def body_display(self, obj: IdempotencyKey) -> SafeString | str:
+        return render_body(obj)
+
+    @admin.display(description=_("stored response"))
+    def stored_response_hidden(self, obj: IdempotencyKey) -> str:
+        return str(
+            _(
+                "Hidden: stored responses can hold personal data, and only users with the "
+                "“Can view idempotency key” permission see them."
+            )
+        )
+
+    # Actions.
+
+    @admin.action(description=_("Purge the selected expired keys"), permissions=["purge"])
+    def purge_expired(self, request: HttpRequest, queryset: IdempotencyKeyQuerySet) -> None:
+        deleted = queryset.purge()
+        self.message_user(
+            request,
+            ngettext(
+                "Deleted %(count)s expired key.",
+                "Deleted %(count)s expired keys.",
+                deleted,
+            )
+            % {"count": formats.number_format(deleted, force_grouping=True)},
+            messages.SUCCESS if deleted else messages.WARNING,
+        )
+        self._report_kept(
+            request,
+            queryset,
+            _("Kept %(count)s selected key: not expired yet, or in use by a request."),
+            _("Kept %(count)s selected keys: not expired yet, or in use by a request."),
+        )
+
+    @admin.action(
+        description=_("Release the selected stuck keys (lease passed, request gone)"),
+        permissions=["purge"],
+    )
+    def release_stale(self, request: HttpRequest, queryset: IdempotencyKeyQuerySet) -> None:
+        released = queryset.release_stale()
+        self.message_user(
+            request,
+            ngettext(
+                "Released %(count)s stuck key: its next request runs the view.",
+                "Released %(count)s stuck keys: their next request runs the view.",
+                released,
+            )
+            % {"count": formats.number_format(released, force_grouping=True)},
+            messages.SUCCESS if released else messages.WARNING,
+        )
+        self._report_kept(
+            request,
+            queryset,
+            _("Kept %(count)s selected key: completed, or held by a request still running."),
+            _("Kept %(count)s selected keys: completed, or held by a request still running."),
+        )
+
+    def _report_kept(self, request: HttpRequest, queryset: Any, singular: Any, plural: Any) -> None:
+        if request.POST.get("select_across") == "1":
+            return  # counting "every matching key" is what this admin never does
+        kept: int = queryset.count()  # the selection: at most one page of keys
+        if kept:
+            message = singular if kept == 1 else plural
+            self.message_user(request, str(message) % {"count": kept}, messages.INFO)
+
+
+def render_body(obj: IdempotencyKey) -> SafeString | str:
+    """A stored body for people: JSON pretty-printed, text escaped and cut, binary as a size."""
+    if obj.state != IdempotencyKey.State.COMPLETED:
+        return str(_("None yet: the request has not finished."))
+    if obj.response_body is None:
+        return str(
+            _(
+                "Not stored: the response was streamed, or larger than "
+                "IDEMPOTENCY_MAX_RESPONSE_SIZE. Retries get a problem response saying so."
+            )
+        )
+    body = bytes(obj.response_body)
+    if not body:
+        return str(_("Empty."))
+    content_type = next(
+        (value for name, value in obj.response_headers if name.lower() == "content-type"), ""
+    )
+    media_type, params = parse_header_parameters(content_type)
+    text = _decode(body, params.get("charset", "utf-8"))
+    if text is None or not (_is_text(media_type) or not media_type):
+        size = formats.number_format(len(body), force_grouping=True)
+        kind = f" ({media_type})" if media_type else ""
+        return str(_("Binary, %(size)s bytes%(kind)s.") % {"size": size, "kind": kind})
+    if media_type in _JSON_TYPES or media_type.endswith("+json"):
+        # Not JSON after all (or nested too deeply to re-indent): shown as the text it is.
+        with contextlib.suppress(ValueError, RecursionError):
+            text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    shown = text[:BODY_DISPLAY_LIMIT]
+    note = ""
+    if len(text) > len(shown):
+        note = str(
+            _("Showing the first %(shown)s of %(total)s characters.")
+            % {
+                "shown": formats.number_format(len(shown), force_grouping=True),
+                "total": formats.number_format(len(text), force_grouping=True),
+            }
+        )
+    return format_html('<pre style="{}">{}</pre>{}', _PRE, shown, note)
+
+
+def _is_text(media_type: str) -> bool:
+    return (
+        media_type.startswith("text/")
+        or media_type in _JSON_TYPES
+        or media_type in _TEXT_TYPES
+        or media_type.endswith(("+json", "+xml"))
+    )
+
+
+def _decode(body: bytes, charset: str) -> str | None:
+    """The body as text, or ``None`` when it is not text in ``charset``."""
+    try:
+        text = body.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return None
+    if any(ord(char) < 32 and char not in "\t\n\r" for char in text):
+        return None
+    return text

@@ -1,0 +1,274 @@
+"""System checks: every setting's check, and the database warning ``django_idempotency.W001``.
+
+W001 warns about a database without row locks (SQLite) whose transactions do not take the
+write lock at ``BEGIN`` (``OPTIONS["transaction_mode"] = "IMMEDIATE"``). The test settings set
+that mode, so the tests that expect the warning take it away first.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.checks import Error as CheckError
+from django.core.checks import Warning as CheckWarning
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.db import connection
+from django.test import override_settings
+
+from django_idempotency import checks as checks_module
+from django_idempotency.checks import check_database, check_replay_cache, check_settings
+
+pytestmark = pytest.mark.django_db
+
+ON_SQLITE = connection.vendor == "sqlite"
+W001 = "django_idempotency.W001"
+
+
+@pytest.fixture
+def deferred_transactions(monkeypatch):
+    """Run the check as if the database had the default ``transaction_mode``."""
+    options = {**connection.settings_dict.get("OPTIONS", {})}
+    options.pop("transaction_mode", None)
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+
+
+@pytest.mark.usefixtures("deferred_transactions")
+def test_w001_appears_on_sqlite_and_not_on_databases_with_row_locks():
+    ids = [message.id for message in check_database(databases=["default"])]
+
+    assert ids == ([W001] if ON_SQLITE else [])
+
+
+@pytest.mark.skipif(not ON_SQLITE, reason="W001 is about SQLite")
+@pytest.mark.usefixtures("deferred_transactions")
+def test_w001_explains_the_trade_off_and_the_transaction_mode_setting():
+    [message] = check_database(databases=["default"])
+
+    assert isinstance(message, CheckWarning)
+    assert "no row locks" in message.msg
+    assert "'default'" in message.msg
+    assert "transaction_mode" in message.hint
+    assert "IMMEDIATE" in message.hint
+
+
+def test_immediate_transaction_mode_silences_w001():
+    assert connection.settings_dict["OPTIONS"].get("transaction_mode") == (
+        "IMMEDIATE" if ON_SQLITE else None
+    )
+
+    assert check_database(databases=["default"]) == []
+
+
+@pytest.mark.usefixtures("deferred_transactions")
+def test_database_check_is_silent_when_the_keys_database_is_not_checked():
+    assert check_database(databases=None) == []
+    assert check_database(databases=["other"]) == []
+
+
+@pytest.mark.usefixtures("deferred_transactions")
+def test_check_command_reports_w001_only_when_databases_are_checked():
+    with_databases, without = StringIO(), StringIO()
+
+    call_command("check", databases=["default"], stdout=with_databases, stderr=with_databases)
+    call_command("check", stdout=without, stderr=without)
+
+    assert (W001 in with_databases.getvalue()) is ON_SQLITE
+    assert W001 not in without.getvalue()
+
+
+@pytest.mark.usefixtures("deferred_transactions")
+def test_check_command_fails_at_warning_level_on_sqlite_only():
+    def check():
+        call_command("check", databases=["default"], fail_level="WARNING", stdout=StringIO())
+
+    if ON_SQLITE:
+        with pytest.raises(SystemCheckError, match=W001):
+            check()
+    else:
+        check()
+
+
+# -- The settings -------------------------------------------------------------------------------
+
+
+class NotAStore:
+    """Importable, but without the methods core calls on a store."""
+
+    def get(self, **kwargs):  # pragma: no cover - never called
+        return None
+
+
+NOT_CALLABLE = "django_idempotency.conf.DEFAULT_STORE"  # a string constant
+
+# (setting, a bad value, the id it gets, words the message has)
+BAD_SETTINGS = [
+    ("IDEMPOTENCY_HEADER", "", "E001", "must be a header name"),
+    ("IDEMPOTENCY_HEADER", "Idempotency Key", "E001", "'Idempotency Key' (str)"),
+    ("IDEMPOTENCY_HEADER", 5, "E001", "not 5 (int)"),
+    ("IDEMPOTENCY_REQUIRED", "yes", "E002", "must be True or False, not 'yes' (str)"),
+    ("IDEMPOTENCY_METHODS", "POST", "E003", "must be a list or tuple of HTTP method names"),
+    ("IDEMPOTENCY_METHODS", ["POST", 1], "E003", "not ['POST', 1] (list)"),
+    ("IDEMPOTENCY_METHODS", ["PO ST"], "E003", "HTTP method names"),
+    ("IDEMPOTENCY_METHODS", None, "E003", "not None (NoneType)"),
+    ("IDEMPOTENCY_TTL", 3600, "E004", "must be a positive timedelta, not 3600 (int)"),
+    ("IDEMPOTENCY_TTL", timedelta(0), "E004", "must be a positive timedelta"),
+    ("IDEMPOTENCY_TTL", timedelta(seconds=-1), "E004", "must be a positive timedelta"),
+    ("IDEMPOTENCY_WAIT", 5, "E005", "must be a datetime.timedelta of zero or more, not 5"),
+    ("IDEMPOTENCY_WAIT", timedelta(seconds=-1), "E005", "of zero or more"),
+    ("IDEMPOTENCY_LOCK_TTL", timedelta(0), "E006", "must be a positive timedelta"),
+    ("IDEMPOTENCY_LOCK_TTL", 30, "E006", "not 30 (int)"),
+    (
+        "IDEMPOTENCY_STORE",
+        "no.such.Store",
+        "E007",
+        "names 'no.such.Store', which cannot be imported",
+    ),
+    ("IDEMPOTENCY_STORE", 5, "E007", "must be a dotted path, not 5 (int)"),
+    (
+        "IDEMPOTENCY_STORE",
+        "tests.test_checks.NotAStore",
+        "E007",
+        "which is not a store class: it has no claim, lock, complete, release, renew, "
+        "supports_atomic.",
+    ),
+    ("IDEMPOTENCY_STORE", NOT_CALLABLE, "E007", "which is not a store class"),
+    ("IDEMPOTENCY_SCOPE", "tests.views.no_such_function", "E008", "cannot be imported"),
+    ("IDEMPOTENCY_SCOPE", NOT_CALLABLE, "E008", "which is not callable"),
+    ("IDEMPOTENCY_FINGERPRINT", "nope", "E009", "names 'nope', which cannot be imported"),
+    ("IDEMPOTENCY_FINGERPRINT", NOT_CALLABLE, "E009", "which is not callable"),
+    ("IDEMPOTENCY_MAX_RESPONSE_SIZE", -1, "E010", "must be an integer of 0 or more, not -1"),
+    ("IDEMPOTENCY_MAX_RESPONSE_SIZE", "1MB", "E010", "not '1MB' (str)"),
+    ("IDEMPOTENCY_MAX_RESPONSE_SIZE", True, "E010", "not True (bool)"),
+    ("IDEMPOTENCY_STORE_SERVER_ERRORS", 1, "E011", "must be True or False, not 1 (int)"),
+    ("IDEMPOTENCY_PURGE_BATCH_SIZE", 0, "E013", "must be a positive integer, not 0 (int)"),
+    ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1.5, "E013", "not 1.5 (float)"),
+]
+
+
+def _messages(settings_module, name, value):
+    setattr(settings_module, name, value)
+    return check_settings() + check_replay_cache()
+
+
+def test_the_defaults_pass_every_check():
+    assert check_settings() == []
+    assert check_replay_cache() == []
+
+
+@pytest.mark.parametrize(("setting", "value", "check_id", "words"), BAD_SETTINGS)
+def test_a_bad_setting_is_an_error_naming_it(settings, setting, value, check_id, words):
+    [message] = _messages(settings, setting, value)
+
+    assert message.id == f"django_idempotency.{check_id}"
+    assert isinstance(message, CheckError)
+    assert message.msg.startswith(f"{setting} ")
+    assert words in message.msg
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("IDEMPOTENCY_HEADER", "X-Request-Key"),
+        ("IDEMPOTENCY_METHODS", ("post", "PUT", "DELETE")),
+        ("IDEMPOTENCY_METHODS", frozenset({"PATCH"})),
+        ("IDEMPOTENCY_METHODS", []),
+        ("IDEMPOTENCY_WAIT", timedelta(0)),
+        ("IDEMPOTENCY_STORE", "tests.views.OfflineStore"),
+        ("IDEMPOTENCY_SCOPE", "tests.views.tenant_scope"),
+        ("IDEMPOTENCY_MAX_RESPONSE_SIZE", 0),
+        ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1),
+        ("IDEMPOTENCY_REPLAY_CACHE", None),
+    ],
+)
+def test_good_values_pass(settings, setting, value):
+    assert _messages(settings, setting, value) == []
+
+
+def test_w002_safe_methods_are_never_covered(settings):
+    [message] = _messages(settings, "IDEMPOTENCY_METHODS", ["POST", "get", "HEAD"])
+
+    assert message.id == "django_idempotency.W002"
+    assert isinstance(message, CheckWarning)
+    assert message.msg.startswith("IDEMPOTENCY_METHODS lists GET, HEAD: safe methods are never")
+
+
+def test_e012_the_replay_cache_must_be_a_configured_cache(settings):
+    [message] = _messages(settings, "IDEMPOTENCY_REPLAY_CACHE", "replay")
+
+    assert message.id == "django_idempotency.E012"
+    assert message.msg == (
+        "IDEMPOTENCY_REPLAY_CACHE must be None or the alias of a cache in CACHES, "
+        "not 'replay' (str)."
+    )
+    assert message.hint.startswith("Configured caches: default")
+
+
+def test_e012_the_replay_cache_must_be_an_alias(settings):
+    [message] = _messages(settings, "IDEMPOTENCY_REPLAY_CACHE", 3)
+
+    assert message.id == "django_idempotency.E012"
+
+
+def test_w003_the_replay_cache_must_be_shared(settings):
+    settings.CACHES = {
+        **settings.CACHES,
+        "dummy": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"},
+        "files": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache"},
+    }
+
+    [local] = _messages(settings, "IDEMPOTENCY_REPLAY_CACHE", "default")
+    [dummy] = _messages(settings, "IDEMPOTENCY_REPLAY_CACHE", "dummy")
+
+    assert local.id == dummy.id == "django_idempotency.W003"
+    assert "LocMemCache is not shared between processes" in local.msg
+    assert _messages(settings, "IDEMPOTENCY_REPLAY_CACHE", "files") == []
+
+
+def test_each_check_id_names_one_setting_and_each_setting_has_one_error_id(settings):
+    seen: dict[str, set[str]] = {}
+    for setting, value, _check_id, _ in BAD_SETTINGS:
+        with override_settings(**{setting: value}):
+            for message in check_settings():
+                seen.setdefault(message.id, set()).add(message.msg.split()[0])
+    settings.IDEMPOTENCY_REPLAY_CACHE = "missing"
+    for message in check_replay_cache():
+        seen.setdefault(message.id, set()).add(message.msg.split()[0])
+
+    assert all(len(names) == 1 for names in seen.values()), seen
+    names = [next(iter(names)) for names in seen.values()]
+    assert len(names) == len(set(names)), seen
+
+
+def test_every_check_id_in_the_source_is_tested():
+    source = Path(checks_module.__file__).read_text(encoding="utf-8")
+    in_source = set(re.findall(r"django_idempotency\.([EW]\d{3})", source))
+    tested = {check_id for _, _, check_id, _ in BAD_SETTINGS} | {"E012", "W001", "W002", "W003"}
+
+    assert in_source == tested
+
+
+def test_check_command_fails_on_a_bad_setting(settings):
+    settings.IDEMPOTENCY_TTL = 3600
+
+    with pytest.raises(SystemCheckError, match=r"django_idempotency\.E004"):
+        call_command("check", stdout=StringIO(), stderr=StringIO())
+
+
+def test_check_command_passes_with_the_defaults():
+    out = StringIO()
+
+    call_command("check", stdout=out)
+
+    assert "no issues" in out.getvalue()
+
+
+def test_the_replay_cache_check_runs_with_the_caches_tag(settings):
+    settings.IDEMPOTENCY_REPLAY_CACHE = "missing"
+
+    with pytest.raises(SystemCheckError, match=r"django_idempotency\.E012"):
+        call_command("check", tags=["caches"], stdout=StringIO(), stderr=StringIO())
