@@ -466,7 +466,9 @@ class Execution:
         if self._failed and self._claim is not None and self._store is not None:
             try:
                 self._store.release(self._claim)
-            except StoreUnavailable:
+            except (StoreUnavailable, KeyLocked):
+                # The claim stays until a retry takes it over (atomic mode: at once, as its
+                # lock is free; lease mode: once its lease has passed).
                 logger.exception("Could not release idempotency key %r.", self._claim.key)
 
 
