@@ -84,7 +84,9 @@ def test_first_execution_costs_at_most_four_queries_on_top_of_the_views_own(url,
     )
 
 
-@pytest.mark.parametrize("url", [view.values[0] for view in VIEWS], ids=[view.id for view in VIEWS])
+@pytest.mark.parametrize(
+    "url", [pytest.param(view.values[0], id=view.id, marks=view.marks) for view in VIEWS]
+)
 def test_replay_costs_at_most_two_queries(url, django_assert_max_num_queries):
     key = f"budget-{uuid.uuid4()}"
     # The replay must send the same request (same note) as the first execution.
