@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from io import BytesIO
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -23,7 +24,7 @@ from urllib.parse import parse_qsl
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
 from django.db import connections
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.multipartparser import MultiPartParserError
 from django.http.response import HttpResponseBase
 
@@ -200,10 +201,17 @@ def _canonical_body(request: HttpRequest) -> tuple[str, bytes]:
 
 
 def _canonical_multipart(request: HttpRequest) -> bytes:
-    fields = [(name, value) for name in request.POST for value in request.POST.getlist(name)]
+    data: QueryDict
+    if request.method == "POST":
+        # Parsed from the stream (files spill to disk), and kept for the view.
+        data, uploads = request.POST, request.FILES
+    else:
+        # Django parses request.POST/FILES for POST only: read a PATCH's or PUT's body here.
+        data, uploads = request.parse_file_upload(request.META, BytesIO(request.body))
+    fields = [(name, value) for name in data for value in data.getlist(name)]
     files = []
-    for name in request.FILES:
-        for upload in request.FILES.getlist(name):
+    for name in uploads:
+        for upload in uploads.getlist(name):
             digest = hashlib.sha256()
             for chunk in upload.chunks():
                 digest.update(chunk)
@@ -430,8 +438,15 @@ class Execution:
             record = store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert)
             return _decide(record, claim)
         with ExitStack() as transaction:
-            record = transaction.enter_context(store.lock(claim, insert=insert))
-            replay = _decide(record, claim)
+            try:
+                locked = transaction.enter_context(store.lock(claim, insert=insert))
+            except KeyLocked:
+                if record is not None and record.fingerprint != claim.fingerprint:
+                    # A live request holds the key for a different request: that one may
+                    # finish, this one never will with this key.
+                    raise IdempotencyKeyMismatch() from None
+                raise
+            replay = _decide(locked, claim)
             if replay is None:
                 self._transaction = transaction.pop_all()  # open until the view has finished
             return replay

@@ -650,6 +650,36 @@ def test_duplicate_of_a_request_holding_the_row_lock_gets_409_at_once(url):
     assert race_views.runs(note) == 1
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("/race/atomic/", id="atomic"),
+        pytest.param("/race/lease/", id="lease"),
+        pytest.param("/race/drf/", id="mixin", marks=needs_drf),
+    ],
+)
+def test_different_request_with_the_key_of_a_running_one_gets_422_at_once(url):
+    key, note = new_key(), new_note()
+    url = target(url, note, sleep=1.5)
+    holder = Background(lambda: post(new_client(), url, key))
+    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
+    try:
+        started = time.monotonic()
+        other = new_client().post(
+            url, {"amount": 8}, content_type="application/json", headers={"Idempotency-Key": key}
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        original = holder.result()
+
+    # Not 409: a retry of this request could never succeed with this key.
+    assert other.status_code == 422, other.content
+    assert json.loads(other.content)["code"] == "idempotency_key_mismatch"
+    assert elapsed < 0.5
+    assert_fresh_run(original)
+    assert race_views.runs(note) == 1
+
+
 def test_waiting_duplicate_runs_the_view_when_the_first_request_crashes():
     key, note = new_key(), new_note()
     url = target("/race/wait/", note, sleep=0.6)

@@ -424,3 +424,18 @@ def test_covered_methods_never_include_a_safe_method(settings, safe):
 
     assert Options().covered_methods == {"POST"}
     assert Options(methods=[safe]).covered_methods == set()
+
+
+def test_multipart_patch_fingerprint_covers_its_fields_but_not_its_boundary():
+    # Django parses request.POST/FILES for POST only; a PATCH's multipart body must still
+    # count, or a changed PATCH would be replayed instead of refused.
+    def patch(boundary, **fields):
+        body = encode_multipart(boundary, fields)
+        return RequestFactory().patch(
+            "/orders/1/", body, content_type=f"multipart/form-data; boundary={boundary}"
+        )
+
+    one = request_fingerprint(patch("first-boundary", amount="1"))
+
+    assert one == request_fingerprint(patch("second-boundary", amount="1"))
+    assert one != request_fingerprint(patch("first-boundary", amount="999"))
