@@ -23,6 +23,7 @@ from django.test.client import encode_multipart
 from django_idempotency.core import request_fingerprint
 from django_idempotency.decorators import idempotent
 from django_idempotency.models import IdempotencyKey
+from tests.assertions import assert_problem
 from tests.factories import IdempotencyKeyFactory, UserFactory
 from tests.models import Charge
 from tests.views import HAS_DRF, VIEW_DATE
@@ -56,20 +57,6 @@ def send(client, url, data=None, *, key=KEY, method="post", content_type=JSON, *
         headers["Idempotency-Key"] = key
     data = BODY if data is None else data
     return getattr(client, method)(url, data, content_type=content_type, headers=headers)
-
-
-def assert_problem(response, status: int, code: str) -> dict:
-    """Assert an RFC 9457 problem+json answer of this layer; return its body."""
-    assert response.status_code == status, response.content
-    assert response["Content-Type"] == "application/problem+json"
-    body = json.loads(response.content)
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"]
-    assert body["title"]
-    assert body["detail"]
-    assert not response.has_header("Idempotent-Replayed")
-    return body
 
 
 def stored_rows() -> list[dict]:

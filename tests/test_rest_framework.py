@@ -21,6 +21,7 @@ from rest_framework.viewsets import ModelViewSet
 from django_idempotency.core import request_fingerprint
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.rest_framework import IdempotentMixin
+from tests.assertions import assert_problem
 from tests.factories import IdempotencyKeyFactory
 from tests.models import Charge
 from tests.views import VIEW_DATE
@@ -74,18 +75,6 @@ def send(client, endpoint: Endpoint, data=None, *, key=KEY, suffix="", **headers
     data = BODY if data is None else data
     method = getattr(client, endpoint.method)
     return method(endpoint.url + suffix, data, content_type=JSON, headers=headers)
-
-
-def assert_problem(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"] == "application/problem+json"
-    body = json.loads(response.content)
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"]
-    assert body["title"]
-    assert body["detail"]
-    return body
 
 
 def charges_written() -> int:
