@@ -78,6 +78,14 @@ class Settings:
         return getattr(settings, "IDEMPOTENCY_REPLAY_CACHE", None)
 
     @property
+    def IDEMPOTENCY_STORE_CACHE(self) -> str:
+        return getattr(settings, "IDEMPOTENCY_STORE_CACHE", "default")
+
+    @property
+    def IDEMPOTENCY_FAIL_OPEN(self) -> bool:
+        return getattr(settings, "IDEMPOTENCY_FAIL_OPEN", False)
+
+    @property
     def IDEMPOTENCY_PURGE_BATCH_SIZE(self) -> int:
         return getattr(settings, "IDEMPOTENCY_PURGE_BATCH_SIZE", 1000)
 

@@ -347,6 +347,24 @@ class Execution:
         )
         store = get_store()
         atomic = self._atomic_mode(store)
+        try:
+            return self._claim_or_replay(store, claim, atomic=atomic)
+        except StoreUnavailable:
+            if not conf.IDEMPOTENCY_FAIL_OPEN:
+                raise
+            # IDEMPOTENCY_FAIL_OPEN: the project chose availability over protection.
+            logger.warning(
+                "The idempotency store is unavailable: running the view for key %r "
+                "unprotected (IDEMPOTENCY_FAIL_OPEN).",
+                key,
+                exc_info=True,
+            )
+            return None
+
+    def _claim_or_replay(
+        self, store: Store, claim: ClaimRequest, *, atomic: bool
+    ) -> HttpResponse | None:
+        options = self.options
         wait = conf.IDEMPOTENCY_WAIT if options.wait is None else options.wait
         deadline = time.monotonic() + wait.total_seconds()
         delay = 0.01

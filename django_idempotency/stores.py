@@ -6,12 +6,15 @@ requests for the same key; ``core`` decides what each record means for the reque
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, connections, router
 from django.db import transaction as db_transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -19,6 +22,7 @@ from django.db.models.constants import OnConflict
 from django.db.models.functions import Now
 from django.db.models.sql.subqueries import InsertQuery
 
+from django_idempotency import replay_cache
 from django_idempotency.exceptions import StoreUnavailable
 from django_idempotency.models import IdempotencyKey
 
@@ -151,6 +155,9 @@ class DatabaseStore:
         return IdempotencyKey.objects.using(alias).annotate(db_now=Now())
 
     def get(self, *, scope: str, key: str) -> Record | None:
+        cached = replay_cache.lookup(scope, key)
+        if cached is not None:
+            return cached
         alias = self._alias()
         with _translate_errors():
             row = self._rows(alias).filter(scope=scope, key=key).first()
@@ -188,8 +195,9 @@ class DatabaseStore:
             yield record
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        alias = self._alias()
         with _translate_errors():
-            updated: int = self._owned(claim).update(
+            updated: int = self._owned(claim, alias).update(
                 state=COMPLETED,
                 response_status=response.status,
                 response_headers=[list(header) for header in response.headers],
@@ -197,6 +205,14 @@ class DatabaseStore:
                 completed_at=Now(),
                 expires_at=Now() + claim.ttl,
                 locked_until=None,
+            )
+        if updated == 1 and response.body is not None and replay_cache.enabled():
+            # Only once the response is committed (in the atomic mode, with the view's writes).
+            db_transaction.on_commit(
+                lambda: replay_cache.remember(
+                    claim.scope, claim.key, claim.fingerprint, response, claim.ttl
+                ),
+                using=alias,
             )
         return updated == 1
 
@@ -210,10 +226,10 @@ class DatabaseStore:
             updated: int = self._owned(claim).update(locked_until=Now() + lease)
         return updated == 1
 
-    def _owned(self, claim: ClaimRequest) -> Any:
+    def _owned(self, claim: ClaimRequest, alias: str | None = None) -> Any:
         # Fencing: every write after the claim names the owner token, so a request whose
         # claim was taken over can neither overwrite nor delete the new owner's record.
-        return IdempotencyKey.objects.using(self._alias()).filter(
+        return IdempotencyKey.objects.using(alias or self._alias()).filter(
             scope=claim.scope, key=claim.key, owner_token=claim.token, state=IN_PROGRESS
         )
 
@@ -252,7 +268,10 @@ class DatabaseStore:
         if row is None:
             # Deleted between our insert and our lock (a release or a purge): try again.
             raise KeyLocked(retry_after=0)
-        if row.owner_token != claim.token and _may_take_over(row, claim):
+        record = _record(row)
+        if row.owner_token != claim.token and may_take_over(record, claim):
+            if record.completed:
+                replay_cache.forget([(claim.scope, claim.key)])
             deadline = None if lease is None else Now() + lease
             IdempotencyKey.objects.using(alias).filter(pk=row.pk).update(
                 state=IN_PROGRESS,
@@ -269,7 +288,7 @@ class DatabaseStore:
                 locked_until=deadline,
             )
             return _owned_record(claim)
-        return _record(row)
+        return record
 
 
 def _owned_record(claim: ClaimRequest) -> Record:
@@ -282,22 +301,25 @@ def _owned_record(claim: ClaimRequest) -> Record:
     )
 
 
-def _may_take_over(row: IdempotencyKey, claim: ClaimRequest) -> bool:
-    now = row.db_now  # type: ignore[attr-defined]
-    if row.state == IN_PROGRESS and row.locked_until is not None and row.locked_until > now:
+def may_take_over(record: Record, claim: ClaimRequest) -> bool:
+    """Whether ``claim`` may replace the existing ``record``: the one takeover rule of every store.
+
+    The caller of a store's atomic mode holds the record's row lock when it asks.
+    """
+    if record.lease_remaining is not None and record.lease_remaining > 0:
         return False  # a live lease-mode request, even one running past the key's TTL
-    if row.expires_at <= now:
+    if not record.live:
         return True
-    if row.state != IN_PROGRESS:
+    if record.completed:
         return False
-    if row.locked_until is None:
+    if record.lease_remaining is None:
         # An atomic-mode claim whose lock we now hold: its request died (or had not reached
         # its transaction yet) and everything it wrote was rolled back with it, so the key
         # is free, even for a corrected request.
         return True
     # A lease-mode claim whose lease has passed: its request died, perhaps after its side
     # effects, so only the same request may take it over.
-    return row.fingerprint == claim.fingerprint
+    return record.fingerprint == claim.fingerprint
 
 
 def _record(row: IdempotencyKey) -> Record:
@@ -353,3 +375,213 @@ def _bounded_lock_wait(connection: BaseDatabaseWrapper) -> Iterator[None]:
         # Only reached when the insert succeeded: a failed one rolls back to the savepoint,
         # which undoes the setting too.
         cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
+
+
+# -- The cache store --------------------------------------------------------------------------
+
+# A record is one Redis string: "<state>|<token>|<expires ms>|<lease deadline ms>|<payload>",
+# where state is P (in progress) or C (completed), deadlines are on the Redis server's clock,
+# and the payload is a line of JSON (fingerprint, request, response head) then the body. The
+# scripts below run atomically on the server; every write after a claim checks the "P|<token>|"
+# prefix, which is the fencing of the lease mode.
+
+_LUA_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function ms(value) return string.format('%.0f', value) end
+"""
+
+#: The record and the server's clock.
+_LUA_GET = _LUA_NOW + "return {redis.call('GET', KEYS[1]), ms(now)}"
+
+#: Write a new claim if the record is absent (ARGV[1] empty) or still starts with ARGV[1].
+#: Returns {1, false, now} when claimed, else {0, current record or false, now}.
+_LUA_CLAIM = (
+    _LUA_NOW
+    + """
+local current = redis.call('GET', KEYS[1])
+if current then
+    if ARGV[1] == '' or string.sub(current, 1, #ARGV[1]) ~= ARGV[1] then
+        return {0, current, ms(now)}
+    end
+elseif ARGV[1] ~= '' then
+    return {0, false, ms(now)}
+end
+local ttl, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('SET', KEYS[1],
+    'P|' .. ARGV[2] .. '|' .. ms(now + ttl) .. '|' .. ms(now + lease) .. '|' .. ARGV[5],
+    'PX', math.max(ttl, lease))
+return {1, false, ms(now)}
+"""
+)
+
+#: Complete the caller's claim (ARGV[1] is its token): the response lives for the TTL.
+_LUA_COMPLETE = (
+    _LUA_NOW
+    + """
+local current = redis.call('GET', KEYS[1])
+local owned = 'P|' .. ARGV[1] .. '|'
+if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], 'C|' .. ARGV[1] .. '|' .. ms(now + ttl) .. '|0|' .. ARGV[3], 'PX', ttl)
+return 1
+"""
+)
+
+#: Delete the caller's unfinished claim.
+_LUA_RELEASE = """
+local current = redis.call('GET', KEYS[1])
+local owned = 'P|' .. ARGV[1] .. '|'
+if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+#: Move the caller's lease deadline to now + ARGV[2] ms; the record lives at least that long.
+_LUA_RENEW = (
+    _LUA_NOW
+    + """
+local current = redis.call('GET', KEYS[1])
+local owned = 'P|' .. ARGV[1] .. '|'
+if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
+local expires, rest = string.match(current, '^P|[^|]*|(%d+)|%d+|()')
+local lease = tonumber(ARGV[2])
+redis.call('SET', KEYS[1],
+    owned .. expires .. '|' .. ms(now + lease) .. '|' .. string.sub(current, rest),
+    'PX', math.max(tonumber(expires) - now, lease))
+return 1
+"""
+)
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(retry_after=1) from exc
+
+
+class CacheStore:
+    """Keys in Redis, through a django-redis cache: the lease mode only.
+
+    The cache alias is ``IDEMPOTENCY_STORE_CACHE`` (``"default"`` unless set); a subclass may
+    pin ``alias``. Claims, completions, releases and renewals are each one Lua script, atomic
+    on the server, and every deadline is compared with the Redis server's clock. A record
+    lives for the key's TTL, or for as long as its lease when that is longer.
+
+    The stored response cannot commit together with the view's database writes: the view runs
+    outside any transaction of the store, as in every lease mode.
+    """
+
+    supports_atomic = False
+    alias: str | None = None
+
+    def _alias(self) -> str:
+        from django_idempotency.conf import conf
+
+        return self.alias or conf.IDEMPOTENCY_STORE_CACHE
+
+    def _client(self) -> Any:
+        from django.core.cache import caches
+
+        cache: Any = caches[self._alias()]
+        client = getattr(cache, "client", None)
+        if client is None or not hasattr(client, "get_client"):
+            raise ImproperlyConfigured(
+                f"The cache {self._alias()!r} is not a django-redis cache; CacheStore needs one."
+            )
+        return cache, client.get_client(write=True)
+
+    def _run(self, script: str, claim_scope: str, claim_key: str, *args: Any) -> Any:
+        cache, client = self._client()
+        name = json.dumps([claim_scope, claim_key], ensure_ascii=False)
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        redis_key = cache.make_key(f"django_idempotency:key:{digest}")
+        with _redis_errors():
+            return client.register_script(script)(keys=[redis_key], args=list(args))
+
+    def get(self, *, scope: str, key: str) -> Record | None:
+        value, now = self._run(_LUA_GET, scope, key)
+        return None if value is None else _decode(value, int(now))
+
+    def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
+        payload = _encode_payload(claim, None)
+        ttl_ms, lease_ms = _ms(claim.ttl), _ms(lease)
+        expected = b""  # the record must be absent
+        for _ in range(3):
+            claimed, current, now = self._run(
+                _LUA_CLAIM, claim.scope, claim.key, expected, claim.token, ttl_ms, lease_ms, payload
+            )
+            if claimed:
+                return _owned_record(claim)
+            if current is None:
+                expected = b""  # gone since we read it (released): claim it as new
+                continue
+            record = _decode(current, int(now))
+            if not may_take_over(record, claim):
+                return record
+            expected = current[: _header_length(current)]
+        raise KeyLocked(retry_after=0)  # the record keeps changing: let core try again
+
+    def lock(self, claim: ClaimRequest, *, insert: bool = True) -> AbstractContextManager[Record]:
+        raise ImproperlyConfigured("CacheStore has no atomic mode; use atomic=False with it.")
+
+    def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        payload = _encode_payload(claim, response)
+        done = self._run(_LUA_COMPLETE, claim.scope, claim.key, claim.token, _ms(claim.ttl), payload)
+        return bool(done)
+
+    def release(self, claim: ClaimRequest) -> bool:
+        return bool(self._run(_LUA_RELEASE, claim.scope, claim.key, claim.token))
+
+    def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
+        return bool(self._run(_LUA_RENEW, claim.scope, claim.key, claim.token, _ms(lease)))
+
+
+def _ms(duration: timedelta) -> int:
+    return max(int(duration.total_seconds() * 1000), 1)
+
+
+def _encode_payload(claim: ClaimRequest, response: StoredResponse | None) -> bytes:
+    head: dict[str, Any] = {"fingerprint": claim.fingerprint, "method": claim.method}
+    head["path"] = claim.path
+    if response is not None:
+        head["status"] = response.status
+        head["headers"] = response.headers
+        head["stored"] = response.body is not None
+    line = json.dumps(head, ensure_ascii=True).encode()
+    body = b"" if response is None else response.body or b""
+    return line + b"\n" + body
+
+
+def _header_length(value: bytes) -> int:
+    """The length of a record's "<state>|<token>|<expires>|<lease>|" header."""
+    index = -1
+    for _ in range(4):
+        index = value.index(b"|", index + 1)
+    return index + 1
+
+
+def _decode(value: bytes, now: int) -> Record:
+    state, token, expires, lease, payload = value.split(b"|", 4)
+    line, _, body = payload.partition(b"\n")
+    head = json.loads(line)
+    completed = state == b"C"
+    response = None
+    if completed:
+        response = StoredResponse(
+            status=head["status"],
+            headers=[(name, header) for name, header in head["headers"]],
+            body=body if head["stored"] else None,
+        )
+    return Record(
+        fingerprint=head["fingerprint"],
+        state=COMPLETED if completed else IN_PROGRESS,
+        owner_token=token.decode(),
+        response=response,
+        live=int(expires) > now,
+        lease_remaining=None if completed else (int(lease) - now) / 1000,
+    )

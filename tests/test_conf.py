@@ -47,6 +47,8 @@ SETTINGS = [
     ("IDEMPOTENCY_STORE_SERVER_ERRORS", False, True, True),
     ("IDEMPOTENCY_REPLAY_CACHE", None, "default", "default"),
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000, 250, 250),
+    ("IDEMPOTENCY_STORE_CACHE", "default", "idempotency", "idempotency"),
+    ("IDEMPOTENCY_FAIL_OPEN", False, True, True),
 ]
 
 

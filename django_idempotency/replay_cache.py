@@ -1,0 +1,101 @@
+"""The replay cache: completed responses also kept in a Django cache (``IDEMPOTENCY_REPLAY_CACHE``).
+
+The database store stays the record of truth. A completed response is copied into the cache
+once its transaction has committed, for no longer than the key's TTL, so a replay is answered
+from the cache without a database query; a miss falls back to the database. The cache only
+ever holds completed keys, which never change until they expire; taking an expired key over,
+purging keys and deleting them through the ORM's purge remove their copies too.
+
+The cache is an accelerator, never a dependency: when it cannot be reached, each operation
+logs a warning and the database answers instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from django.core.cache import BaseCache, caches
+
+from django_idempotency.conf import conf
+
+if TYPE_CHECKING:
+    from django_idempotency.stores import Record, StoredResponse
+
+logger = logging.getLogger("django_idempotency")
+
+#: Bumped whenever the layout of a cached entry changes, so old entries are never misread.
+VERSION = 1
+PREFIX = "django_idempotency:replay:"
+
+
+def enabled() -> bool:
+    return conf.IDEMPOTENCY_REPLAY_CACHE is not None
+
+
+def cache_key(scope: str, key: str) -> str:
+    """The cache key of (scope, key): a digest, so any scope and key fit any cache backend."""
+    name = json.dumps([scope, key], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return PREFIX + hashlib.sha256(name).hexdigest()
+
+
+def _cache() -> BaseCache | None:
+    alias = conf.IDEMPOTENCY_REPLAY_CACHE
+    return None if alias is None else caches[alias]
+
+
+def lookup(scope: str, key: str) -> Record | None:
+    """The completed record cached for (scope, key), or ``None`` (a miss, or no cache)."""
+    from django_idempotency.stores import COMPLETED, Record, StoredResponse
+
+    cache = _cache()
+    if cache is None:
+        return None
+    try:
+        entry = cache.get(cache_key(scope, key))
+    except Exception:
+        logger.warning("The replay cache could not be read; answering from the store.")
+        return None
+    if not isinstance(entry, tuple) or len(entry) != 5 or entry[0] != VERSION:
+        return None
+    _, fingerprint, status, headers, body = entry
+    return Record(
+        fingerprint=fingerprint,
+        state=COMPLETED,
+        owner_token="",
+        response=StoredResponse(status=status, headers=[tuple(h) for h in headers], body=body),
+        live=True,
+    )
+
+
+def remember(
+    scope: str, key: str, fingerprint: str, response: StoredResponse, ttl: timedelta
+) -> None:
+    """Cache a completed response for at most ``ttl``: it must never outlive the key itself."""
+    cache = _cache()
+    if cache is None:
+        return
+    entry = (VERSION, fingerprint, response.status, list(response.headers), response.body)
+    try:
+        cache.set(cache_key(scope, key), entry, timeout=ttl.total_seconds())
+    except Exception:
+        logger.warning("The replay cache could not be written; replays will use the store.")
+
+
+def forget(pairs: Iterable[tuple[str, str]]) -> None:
+    """Remove the cached copies of the (scope, key) pairs."""
+    cache = _cache()
+    if cache is None:
+        return
+    names = [cache_key(scope, key) for scope, key in pairs]
+    if not names:
+        return
+    try:
+        cache.delete_many(names)
+    except Exception:
+        # Their copies still expire with their keys' TTL, which has passed or will soon.
+        logger.warning("The replay cache could not be cleared of %d keys.", len(names))
