@@ -32,8 +32,12 @@ _PRIVATE_CACHES = frozenset(
 )
 
 
+_REDIS_CACHE = "django_redis.cache.RedisCache"
+
+
 def register() -> None:
     checks.register(check_settings)
+    checks.register(check_store_cache, checks.Tags.caches)
     checks.register(check_replay_cache, checks.Tags.caches)
     checks.register(check_database, checks.Tags.database)
 
@@ -79,6 +83,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
             "IDEMPOTENCY_STORE_SERVER_ERRORS",
             conf.IDEMPOTENCY_STORE_SERVER_ERRORS,
             "django_idempotency.E011",
+        ),
+        *_check_bool(
+            "IDEMPOTENCY_FAIL_OPEN", conf.IDEMPOTENCY_FAIL_OPEN, "django_idempotency.E017"
         ),
         *_check_integer(
             "IDEMPOTENCY_PURGE_BATCH_SIZE",
@@ -196,6 +203,97 @@ def _check_callable(setting: str, path: object, id: str) -> CheckMessages:
     return [_error(setting, f"names {path!r}, which is not callable.", id)]
 
 
+def _cache_store_alias() -> str | None:
+    """The cache alias of the configured store when it is a ``CacheStore``, else ``None``."""
+    from django_idempotency.stores import CacheStore
+
+    path = conf.IDEMPOTENCY_STORE
+    try:
+        store = import_string(path) if isinstance(path, str) else None
+    except ImportError:
+        return None  # E007 reports it
+    if not (isinstance(store, type) and issubclass(store, CacheStore)):
+        return None
+    alias: object = store.alias or conf.IDEMPOTENCY_STORE_CACHE
+    return alias  # type: ignore[return-value]  # checked by check_store_cache
+
+
+def _import_class(backend: object) -> type | None:
+    try:
+        found = import_string(backend) if isinstance(backend, str) else None
+    except ImportError:
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _is_redis_cache(config: dict[str, Any]) -> bool:
+    backend = _import_class(config.get("BACKEND"))
+    if backend is None:
+        return False
+    try:
+        redis_cache = import_string(_REDIS_CACHE)
+    except ImportError:
+        return False
+    return issubclass(backend, redis_cache)
+
+
+def _unbounded(alias: str, config: dict[str, Any], setting: str) -> CheckMessages:
+    """W005: a Redis cache without socket timeouts makes a hung server hang every request."""
+    options = config.get("OPTIONS") or {}
+    missing = [
+        name for name in ("SOCKET_CONNECT_TIMEOUT", "SOCKET_TIMEOUT") if not options.get(name)
+    ]
+    if not missing:
+        return []
+    return [
+        checks.Warning(
+            f"The cache {alias!r} ({setting}) sets no {' or '.join(missing)}: a Redis server "
+            "that stops answering would hold every covered request for as long as the "
+            "operating system keeps the connection open.",
+            hint=(
+                f"Set CACHES[{alias!r}]['OPTIONS'] = {{'SOCKET_CONNECT_TIMEOUT': 1, "
+                "'SOCKET_TIMEOUT': 1}} (seconds); see the docs' stores page."
+            ),
+            id="django_idempotency.W005",
+        )
+    ]
+
+
+def check_store_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """``CacheStore``'s cache is a configured django-redis cache, with bounded timeouts."""
+    alias = _cache_store_alias()
+    if alias is None:
+        return []
+    caches: dict[str, dict[str, Any]] = settings.CACHES
+    if not isinstance(alias, str) or alias not in caches:
+        return [
+            _error(
+                "IDEMPOTENCY_STORE_CACHE",
+                f"must be the alias of a cache in CACHES, not {_describe(alias)}.",
+                "django_idempotency.E014",
+                hint=f"Configured caches: {', '.join(sorted(caches)) or 'none'}.",
+            )
+        ]
+    config = caches[alias]
+    if not _is_redis_cache(config):
+        backend = config.get("BACKEND", "")
+        shared = (
+            "is not shared between processes, so duplicates in two workers would both run"
+            if backend in _PRIVATE_CACHES
+            else "has no atomic compare-and-set"
+        )
+        return [
+            _error(
+                "IDEMPOTENCY_STORE_CACHE",
+                f"names the cache {alias!r}, whose backend {backend} {shared}: CacheStore "
+                "needs a django-redis cache.",
+                "django_idempotency.E015",
+                hint=f"Use BACKEND = {_REDIS_CACHE!r} (pip install django-redis).",
+            )
+        ]
+    return _unbounded(alias, config, "IDEMPOTENCY_STORE_CACHE")
+
+
 def check_replay_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
     """``IDEMPOTENCY_REPLAY_CACHE`` names a configured cache that every process shares."""
     alias = conf.IDEMPOTENCY_REPLAY_CACHE
@@ -211,8 +309,14 @@ def check_replay_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
                 hint=f"Configured caches: {', '.join(sorted(caches)) or 'none'}.",
             )
         ]
-    backend = caches[alias].get("BACKEND", "")
+    store_alias = _cache_store_alias()
+    if store_alias is not None:
+        return [_replay_cache_beside_cache_store(alias, store_alias)]
+    config = caches[alias]
+    backend = config.get("BACKEND", "")
     if backend not in _PRIVATE_CACHES:
+        if _is_redis_cache(config):
+            return _unbounded(alias, config, "IDEMPOTENCY_REPLAY_CACHE")
         return []
     return [
         checks.Warning(
@@ -222,6 +326,24 @@ def check_replay_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
             id="django_idempotency.W003",
         )
     ]
+
+
+def _replay_cache_beside_cache_store(alias: str, store_alias: str) -> checks.CheckMessage:
+    if alias == store_alias:
+        return _error(
+            "IDEMPOTENCY_REPLAY_CACHE",
+            f"names the cache {alias!r}, which is the cache store itself "
+            "(IDEMPOTENCY_STORE_CACHE): a replay cache must be a second tier in front of the "
+            "database store.",
+            "django_idempotency.E016",
+            hint="Set IDEMPOTENCY_REPLAY_CACHE = None: CacheStore replays from Redis already.",
+        )
+    return checks.Warning(
+        f"IDEMPOTENCY_REPLAY_CACHE names the cache {alias!r}, but the store is CacheStore, "
+        "which replays from Redis already: the replay cache is never used.",
+        hint="Set IDEMPOTENCY_REPLAY_CACHE = None, or use the database store with it.",
+        id="django_idempotency.W004",
+    )
 
 
 def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> CheckMessages:

@@ -21,7 +21,13 @@ from django.db import connection
 from django.test import override_settings
 
 from django_idempotency import checks as checks_module
-from django_idempotency.checks import check_database, check_replay_cache, check_settings
+from django_idempotency.checks import (
+    check_database,
+    check_replay_cache,
+    check_settings,
+    check_store_cache,
+)
+from django_idempotency.stores import CacheStore
 
 pytestmark = pytest.mark.django_db
 
@@ -145,6 +151,7 @@ BAD_SETTINGS = [
     ("IDEMPOTENCY_MAX_RESPONSE_SIZE", "1MB", "E010", "not '1MB' (str)"),
     ("IDEMPOTENCY_MAX_RESPONSE_SIZE", True, "E010", "not True (bool)"),
     ("IDEMPOTENCY_STORE_SERVER_ERRORS", 1, "E011", "must be True or False, not 1 (int)"),
+    ("IDEMPOTENCY_FAIL_OPEN", "no", "E017", "must be True or False, not 'no' (str)"),
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 0, "E013", "must be a positive integer, not 0 (int)"),
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1.5, "E013", "not 1.5 (float)"),
 ]
@@ -152,11 +159,12 @@ BAD_SETTINGS = [
 
 def _messages(settings_module, name, value):
     setattr(settings_module, name, value)
-    return check_settings() + check_replay_cache()
+    return check_settings() + check_store_cache() + check_replay_cache()
 
 
 def test_the_defaults_pass_every_check():
     assert check_settings() == []
+    assert check_store_cache() == []
     assert check_replay_cache() == []
 
 
@@ -247,7 +255,17 @@ def test_each_check_id_names_one_setting_and_each_setting_has_one_error_id(setti
 def test_every_check_id_in_the_source_is_tested():
     source = Path(checks_module.__file__).read_text(encoding="utf-8")
     in_source = set(re.findall(r"django_idempotency\.([EW]\d{3})", source))
-    tested = {check_id for _, _, check_id, _ in BAD_SETTINGS} | {"E012", "W001", "W002", "W003"}
+    tested = (
+        {check_id for _, _, check_id, _ in BAD_SETTINGS}
+        | {"E012", "W001", "W002", "W003"}
+        | {
+            "E014",
+            "E015",
+            "E016",
+            "W004",
+            "W005",
+        }
+    )
 
     assert in_source == tested
 
@@ -272,3 +290,145 @@ def test_the_replay_cache_check_runs_with_the_caches_tag(settings):
 
     with pytest.raises(SystemCheckError, match=r"django_idempotency\.E012"):
         call_command("check", tags=["caches"], stdout=StringIO(), stderr=StringIO())
+
+
+# -- The cache store and the replay cache ----------------------------------------------------
+
+CACHE_STORE = "django_idempotency.stores.CacheStore"
+REDIS_BACKEND = "django_redis.cache.RedisCache"
+BOUNDED = {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1}
+
+
+@pytest.fixture
+def caches_for_checks(settings):
+    """Caches of every kind the checks tell apart (never connected to: checks only read)."""
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "dummy": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"},
+        "files": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": "/nonexistent/django-idempotency-checks",
+        },
+        "redis": {
+            "BACKEND": REDIS_BACKEND,
+            "LOCATION": "redis://127.0.0.1:1/0",
+            "OPTIONS": BOUNDED,
+        },
+        "redis-too": {
+            "BACKEND": REDIS_BACKEND,
+            "LOCATION": "redis://127.0.0.1:1/1",
+            "OPTIONS": BOUNDED,
+        },
+        "unbounded": {"BACKEND": REDIS_BACKEND, "LOCATION": "redis://127.0.0.1:1/2"},
+    }
+    settings.IDEMPOTENCY_STORE = CACHE_STORE
+    return settings
+
+
+def _cache_messages():
+    return check_store_cache() + check_replay_cache()
+
+
+def test_cache_store_on_a_bounded_django_redis_cache_passes(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "redis"
+
+    assert _cache_messages() == []
+
+
+def test_e014_the_cache_store_needs_a_configured_cache(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "idempotency"
+
+    [message] = _cache_messages()
+
+    assert message.id == "django_idempotency.E014"
+    assert isinstance(message, CheckError)
+    assert message.msg == (
+        "IDEMPOTENCY_STORE_CACHE must be the alias of a cache in CACHES, not 'idempotency' (str)."
+    )
+    assert "redis" in message.hint
+
+
+@pytest.mark.parametrize(
+    ("alias", "words"),
+    [
+        ("default", "LocMemCache is not shared between processes"),
+        ("dummy", "DummyCache is not shared between processes"),
+        ("files", "FileBasedCache has no atomic compare-and-set"),
+    ],
+)
+def test_e015_the_cache_store_needs_django_redis(caches_for_checks, alias, words):
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = alias
+
+    [message] = _cache_messages()
+
+    assert message.id == "django_idempotency.E015"
+    assert words in message.msg
+    assert REDIS_BACKEND in message.hint
+
+
+def test_the_store_cache_is_not_checked_for_the_database_store(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE = "django_idempotency.stores.DatabaseStore"
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "dummy"
+
+    assert _cache_messages() == []
+
+
+def test_a_subclass_pinning_its_alias_is_checked_on_that_alias(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE = "tests.test_checks.PinnedCacheStore"
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "redis"  # not the one the subclass uses
+
+    [message] = _cache_messages()
+
+    assert message.id == "django_idempotency.E015"
+    assert "'dummy'" in message.msg
+
+
+def test_e016_the_replay_cache_is_not_the_cache_store_itself(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "redis"
+    caches_for_checks.IDEMPOTENCY_REPLAY_CACHE = "redis"
+
+    [message] = _cache_messages()
+
+    assert message.id == "django_idempotency.E016"
+    assert isinstance(message, CheckError)
+    assert "is the cache store itself" in message.msg
+
+
+def test_w004_a_replay_cache_beside_the_cache_store_is_never_used(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "redis"
+    caches_for_checks.IDEMPOTENCY_REPLAY_CACHE = "redis-too"
+
+    [message] = _cache_messages()
+
+    assert message.id == "django_idempotency.W004"
+    assert isinstance(message, CheckWarning)
+    assert "never used" in message.msg
+
+
+@pytest.mark.parametrize("setting", ["IDEMPOTENCY_STORE_CACHE", "IDEMPOTENCY_REPLAY_CACHE"])
+def test_w005_a_redis_cache_without_socket_timeouts(caches_for_checks, setting):
+    if setting == "IDEMPOTENCY_REPLAY_CACHE":
+        caches_for_checks.IDEMPOTENCY_STORE = "django_idempotency.stores.DatabaseStore"
+    else:
+        caches_for_checks.IDEMPOTENCY_STORE_CACHE = "redis"
+    setattr(caches_for_checks, setting, "unbounded")
+
+    [message] = _cache_messages()
+
+    assert message.id == "django_idempotency.W005"
+    assert isinstance(message, CheckWarning)
+    assert "'unbounded'" in message.msg
+    assert f"({setting})" in message.msg
+    assert "SOCKET_CONNECT_TIMEOUT or SOCKET_TIMEOUT" in message.msg
+    assert "SOCKET_TIMEOUT" in message.hint
+
+
+def test_the_store_cache_check_runs_with_the_caches_tag(caches_for_checks):
+    caches_for_checks.IDEMPOTENCY_STORE_CACHE = "missing"
+
+    with pytest.raises(SystemCheckError, match=r"django_idempotency\.E014"):
+        call_command("check", tags=["caches"], stdout=StringIO(), stderr=StringIO())
+
+
+class PinnedCacheStore(CacheStore):
+    alias = "dummy"
