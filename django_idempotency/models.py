@@ -12,6 +12,7 @@ from django.db.models.deletion import Collector
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
+from django_idempotency import replay_cache
 from django_idempotency.conf import conf
 
 
@@ -205,7 +206,29 @@ def _delete_batch(
     order: tuple[str, ...],
     one_statement: bool,
 ) -> tuple[int, int, tuple[Any, ...] | None]:
-    """One batch, in one transaction: how many rows it selected, deleted, and the last one."""
+    """One batch, in one transaction: how many rows it selected, deleted, and the last one.
+
+    With a replay cache, the cached copies of the deleted keys are removed once the batch has
+    committed, so a deleted key is never replayed from the cache.
+    """
+    keys: list[tuple[str, str]] | None = [] if replay_cache.enabled() else None
+    selected, deleted, last = _delete_batch_rows(
+        candidates, alias, batch_size, order, one_statement, keys
+    )
+    if keys:
+        transaction.on_commit(lambda: replay_cache.forget(keys), using=alias)
+    return selected, deleted, last
+
+
+def _delete_batch_rows(
+    candidates: IdempotencyKeyQuerySet,
+    alias: str,
+    batch_size: int,
+    order: tuple[str, ...],
+    one_statement: bool,
+    keys: list[tuple[str, str]] | None,
+) -> tuple[int, int, tuple[Any, ...] | None]:
+    """:func:`_delete_batch`'s transaction; appends (scope, key) of the rows to ``keys``."""
     connection = connections[alias]
     skip_locked = connection.features.has_select_for_update_skip_locked
     outermost = not connection.in_atomic_block
@@ -216,12 +239,16 @@ def _delete_batch(
         rows = rows[:batch_size]
         if one_statement:
             selected, last = _delete_batch_postgresql(
-                connection, rows, order, synchronous=not outermost
+                connection, rows, order, synchronous=not outermost, keys=keys
             )
             return selected, selected, last
-        found = list(rows.values_list(*order))
+        extra = () if keys is None else ("scope", "key")
+        found = list(rows.values_list(*order, *extra))
         if not found:
             return 0, 0, None
+        if keys is not None:
+            keys.extend((row[-2], row[-1]) for row in found)
+            found = [row[: len(order)] for row in found]
         # Where the database has row locks the rows are ours until the commit: delete them by
         # primary key alone (with the conditions again, MariaDB may range-scan, and lock, the
         # rows of a concurrent purge). Without row locks (SQLite) the statement that deletes
@@ -232,7 +259,12 @@ def _delete_batch(
 
 
 def _delete_batch_postgresql(
-    connection: Any, rows: IdempotencyKeyQuerySet, order: tuple[str, ...], *, synchronous: bool
+    connection: Any,
+    rows: IdempotencyKeyQuerySet,
+    order: tuple[str, ...],
+    *,
+    synchronous: bool,
+    keys: list[tuple[str, str]] | None,
 ) -> tuple[int, tuple[Any, ...] | None]:
     """Lock and delete the batch ``rows`` selects in one statement; return its size and last row.
 
@@ -251,13 +283,23 @@ def _delete_batch_postgresql(
     sql = (
         f"WITH batch AS ({select}), "
         f"deleted AS (DELETE FROM {table} WHERE {pk} IN (SELECT * FROM batch) "
-        f"RETURNING {returned}) "
-        f"SELECT count(*) OVER (), {returned} FROM deleted ORDER BY {descending} LIMIT 1"
+        f"RETURNING {returned}, {quote('scope')}, {quote('key')}) "
     )
+    if keys is None:
+        sql += f"SELECT count(*) OVER (), {returned} FROM deleted ORDER BY {descending} LIMIT 1"
+    else:  # every deleted key, for the replay cache; the last row first
+        sql += f"SELECT 0, {returned}, {quote('scope')}, {quote('key')} FROM deleted"
+        sql += f" ORDER BY {descending}"
     with connection.cursor() as cursor:
         if not synchronous:  # in a caller's transaction, it would apply to the caller's writes
             cursor.execute("SET LOCAL synchronous_commit TO OFF")
         cursor.execute(sql, params)
+        if keys is not None:
+            found = cursor.fetchall()
+            keys.extend((found_row[-2], found_row[-1]) for found_row in found)
+            if not found:
+                return 0, None
+            return len(found), tuple(found[0][1 : 1 + len(order)])
         row = cursor.fetchone()
     if row is None:
         return 0, None

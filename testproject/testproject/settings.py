@@ -114,10 +114,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 
 # REDIS_URL is optional: it makes Redis (through django-redis) the default cache, which the
-# cache store can use (choose it with IDEMPOTENCY_STORE=...).
+# cache store (IDEMPOTENCY_STORE=django_idempotency.stores.CacheStore) or the replay cache
+# (IDEMPOTENCY_REPLAY_CACHE=default) can use. Timeouts bound how long a request waits for a
+# Redis that stops answering: it then gets a 503 (system check django_idempotency.W005).
 if REDIS_URL := os.environ.get("REDIS_URL"):
     CACHES = {
-        "default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": REDIS_URL},
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+        },
     }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -152,6 +158,7 @@ IDEMPOTENCY_METHODS = ["POST", "PATCH"]
 IDEMPOTENCY_TTL = timedelta(hours=24)
 IDEMPOTENCY_LOCK_TTL = timedelta(seconds=30)
 IDEMPOTENCY_STORE = os.environ.get("IDEMPOTENCY_STORE", "django_idempotency.stores.DatabaseStore")
+IDEMPOTENCY_REPLAY_CACHE = os.environ.get("IDEMPOTENCY_REPLAY_CACHE") or None
 
 # How long the fake payment provider takes to charge a card. The demo command raises it so
 # that its burst of duplicate payments overlaps the first one.

@@ -38,8 +38,9 @@ from django.db.migrations.executor import MigrationExecutor
 from django.test.utils import override_settings
 from rest_framework.authtoken.models import Token
 
-from django_idempotency.conf import conf
+from django_idempotency.conf import conf, get_store
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import DatabaseStore
 
 from ...models import Order, Payment, WebhookEvent
 
@@ -579,26 +580,44 @@ class Command(BaseCommand):
         )
 
     def _key_table(self) -> None:
-        self.heading("8. What the IdempotencyKey table holds")
-        self.say(
-            "One row per (scope, key) that ran. The refused requests (the 422, the 400) and "
-            "the duplicates stored nothing. Alice's and Bob's rows share a key but not a scope."
-        )
         usernames = {f"user:{demo.user.pk}": demo.name for demo in (self.alice, self.bob)}
-        rows = [
-            (
-                f"{row.scope} ({usernames[row.scope]})" if row.scope in usernames else row.scope,
-                row.key,
-                row.method,
-                row.path,
-                row.state,
-                "-" if row.response_status is None else str(row.response_status),
+        if isinstance(get_store(), DatabaseStore):
+            self.heading("8. What the IdempotencyKey table holds")
+            self.say(
+                "One row per (scope, key) that ran. The refused requests (the 422, the 400) "
+                "and the duplicates stored nothing. Alice's and Bob's rows share a key but not "
+                "a scope."
             )
-            for row in IdempotencyKey.objects.filter(key__contains=self.run_id).order_by(
-                "created_at", "pk"
+            rows = [
+                (
+                    f"{row.scope} ({usernames[row.scope]})"
+                    if row.scope in usernames
+                    else row.scope,
+                    row.key,
+                    row.method,
+                    row.path,
+                    row.state,
+                    "-" if row.response_status is None else str(row.response_status),
+                )
+                for row in IdempotencyKey.objects.filter(key__contains=self.run_id).order_by(
+                    "created_at", "pk"
+                )
+            ]
+            header = ("scope", "key", "method", "path", "state", "status")
+        else:
+            self.heading(f"8. What the store ({conf.IDEMPOTENCY_STORE}) holds")
+            self.say(
+                "One record per (scope, key) that ran, looked up through the store for every "
+                "scope and key this run used. The refused requests and the duplicates stored "
+                "nothing. Alice's and Bob's records share a key but not a scope."
             )
-        ]
-        header = ("scope", "key", "method", "path", "state", "status")
+            rows = []
+            for scope in [*usernames, "anonymous"]:
+                for key in (f"demo-{self.run_id}-order", f"demo-{self.run_id}-pay"):
+                    rows.extend(self._store_row(scope, key, usernames))
+                rows.extend(self._store_row(scope, f"evt_{self.run_id}", usernames))
+            header = ("scope", "key", "state", "status")
+            rows = [(row[0], row[1], row[4], row[5]) for row in rows]
         widths = [
             max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)
         ]
@@ -606,7 +625,18 @@ class Command(BaseCommand):
             cells = "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
             self.stdout.write(f"  {cells}".rstrip())
         self.expect(len(rows) == 4, "four keys: Alice's order and payment, Bob's order, the event")
-        self.expect(all(row[4] == IdempotencyKey.State.COMPLETED for row in rows), "all completed")
+        completed = IdempotencyKey.State.COMPLETED
+        self.expect(all(row[len(header) - 2] == completed for row in rows), "all completed")
+
+    def _store_row(
+        self, scope: str, key: str, usernames: dict[str, str]
+    ) -> list[tuple[str, str, str, str, str, str]]:
+        record = get_store().get(scope=scope, key=key)
+        if record is None:
+            return []
+        status = "-" if record.response is None else str(record.response.status)
+        label = f"{scope} ({usernames[scope]})" if scope in usernames else scope
+        return [(label, key, "", "", record.state, status)]
 
     def _conclude(self) -> None:
         self.stdout.write("")
