@@ -531,7 +531,9 @@ class CacheStore:
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
         payload = _encode_payload(claim, response)
-        done = self._run(_LUA_COMPLETE, claim.scope, claim.key, claim.token, _ms(claim.ttl), payload)
+        done = self._run(
+            _LUA_COMPLETE, claim.scope, claim.key, claim.token, _ms(claim.ttl), payload
+        )
         return bool(done)
 
     def release(self, claim: ClaimRequest) -> bool:
