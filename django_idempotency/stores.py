@@ -82,9 +82,9 @@ class Store(Protocol):
     """How ``core`` talks to a store. A project's own store needs no base class.
 
     The claim rule every store follows: insert the record if the key is absent; if it is
-    present and expired, or unfinished and abandoned (its lease passed, or in the atomic mode
-    its lock is free) with the same fingerprint, replace it with the caller's; otherwise leave
-    it. The caller owns the key when the returned record carries its token. Failures to reach
+    present, replace it with the caller's when :func:`may_take_over` says so (expired, or
+    unfinished and abandoned: its lease passed with the same fingerprint, or in the atomic
+    mode its lock is free); otherwise leave it. The caller owns the key when the returned record carries its token. Failures to reach
     the store raise :class:`StoreUnavailable`; a key held by a live request may raise
     :class:`KeyLocked`.
     """
