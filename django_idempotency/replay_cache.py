@@ -12,6 +12,7 @@ logs a warning and the database answers instead.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -60,14 +61,21 @@ def lookup(scope: str, key: str) -> Record | None:
     except Exception:
         logger.warning("The replay cache could not be read; answering from the store.")
         return None
-    if not isinstance(entry, tuple) or len(entry) != 5 or entry[0] != VERSION:
+    # A list or a tuple: msgpack and JSON serializers give back lists.
+    if not isinstance(entry, (list, tuple)) or len(entry) != 5 or entry[0] != VERSION:
         return None
     _, fingerprint, status, headers, body = entry
+    try:
+        content = base64.b64decode(body, validate=True)
+    except (TypeError, ValueError):
+        return None
     return Record(
         fingerprint=fingerprint,
         state=COMPLETED,
         owner_token="",
-        response=StoredResponse(status=status, headers=[tuple(h) for h in headers], body=body),
+        response=StoredResponse(
+            status=status, headers=[(name, value) for name, value in headers], body=content
+        ),
         live=True,
     )
 
@@ -79,7 +87,13 @@ def remember(
     cache = _cache()
     if cache is None:
         return
-    entry = (VERSION, fingerprint, response.status, list(response.headers), response.body)
+    if response.body is None or ttl <= timedelta(0):
+        return
+    # Plain types only (the body in base64), so that every cache serializer can store it:
+    # django-redis's default pickle, and its JSON and msgpack serializers.
+    body = base64.b64encode(response.body).decode("ascii")
+    headers = [[name, value] for name, value in response.headers]
+    entry = [VERSION, fingerprint, response.status, headers, body]
     try:
         cache.set(cache_key(scope, key), entry, timeout=ttl.total_seconds())
     except Exception:

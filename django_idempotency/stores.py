@@ -161,7 +161,16 @@ class DatabaseStore:
         alias = self._alias()
         with _translate_errors():
             row = self._rows(alias).filter(scope=scope, key=key).first()
-        return None if row is None else _record(row)
+        if row is None:
+            return None
+        record = _record(row)
+        if record.completed and record.live and replay_cache.enabled():
+            # A miss (the cache was restarted, or evicted the copy): refill it for the rest
+            # of the key's life, so the next replay needs no query again.
+            assert record.response is not None
+            remaining = row.expires_at - row.db_now  # type: ignore[attr-defined]
+            replay_cache.remember(scope, key, record.fingerprint, record.response, remaining)
+        return record
 
     def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
         alias = self._alias()

@@ -1,5 +1,6 @@
 """Query budgets (issue #2): a replay costs at most 2 queries; a first execution at most 4 on
-top of the view's own, measured against an undecorated twin of the same view.
+top of the view's own, measured against an undecorated twin of the same view. With the replay
+cache (issue #4, ``IDEMPOTENCY_REPLAY_CACHE``), a replay costs no query at all.
 
 Asserted on whichever database the suite runs on: SQLite, PostgreSQL and MariaDB.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.core.cache import caches
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -22,6 +24,7 @@ from django.test.utils import CaptureQueriesContext
 # atomic() the package opens would become a SAVEPOINT / RELEASE SAVEPOINT pair and the atomic
 # mode's own BEGIN / COMMIT would never be sent: we would be counting the test harness, not
 # what a request costs in production.
+from django_idempotency import replay_cache
 from tests.views import HAS_DRF
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -84,9 +87,10 @@ def test_first_execution_costs_at_most_four_queries_on_top_of_the_views_own(url,
     )
 
 
-@pytest.mark.parametrize(
-    "url", [pytest.param(view.values[0], id=view.id, marks=view.marks) for view in VIEWS]
-)
+REPLAYED_VIEWS = [pytest.param(view.values[0], id=view.id, marks=view.marks) for view in VIEWS]
+
+
+@pytest.mark.parametrize("url", REPLAYED_VIEWS)
 def test_replay_costs_at_most_two_queries(url, django_assert_max_num_queries):
     key = f"budget-{uuid.uuid4()}"
     # The replay must send the same request (same note) as the first execution.
@@ -108,5 +112,43 @@ def test_replay_costs_at_most_two_queries(url, django_assert_max_num_queries):
             headers={"Idempotency-Key": key},
         )
 
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.content == first.content
+
+
+@pytest.fixture
+def redis_replay_cache(settings):
+    """The replay cache on the ``redis`` alias, emptied of replay entries around the test."""
+    settings.IDEMPOTENCY_REPLAY_CACHE = "redis"
+    cache = caches["redis"]
+    cache.delete_pattern(replay_cache.PREFIX + "*")
+    yield cache
+    cache.delete_pattern(replay_cache.PREFIX + "*")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("url", REPLAYED_VIEWS)
+def test_replay_from_the_replay_cache_costs_no_query(url, redis_replay_cache):
+    key = f"budget-{uuid.uuid4()}"
+    note = uuid.uuid4().hex[:12]
+    client = Client()
+    first = client.post(
+        f"{url}?note={note}",
+        BODY,
+        content_type="application/json",
+        headers={"Idempotency-Key": key},
+    )
+    assert first.status_code == 201
+
+    with CaptureQueriesContext(connection) as captured:
+        replay = client.post(
+            f"{url}?note={note}",
+            BODY,
+            content_type="application/json",
+            headers={"Idempotency-Key": key},
+        )
+
+    queries = [query["sql"] for query in captured.captured_queries]
+    assert queries == [], f"{len(queries)} queries for a cached replay:\n{listing(queries)}"
     assert replay["Idempotent-Replayed"] == "true"
     assert replay.content == first.content
