@@ -5,8 +5,9 @@
 #
 # A service that is not listening and not installed is installed from Debian's packages
 # (one `apt-get update`, one `apt-get install` for everything missing), so this needs root on
-# a machine where something is missing. There is no systemd on CI machines: each daemon is
-# started directly.
+# a machine where something is missing. The redis-server executable is installed even when a
+# Redis already listens, because the outage tests start servers of their own. There is no
+# systemd on CI machines: each daemon is started directly.
 #
 #   bash scripts/services.sh        # start what is missing, then print the URLs to use
 #   source scripts/services.sh      # only defines the URLs and functions (.ci/run does this)
@@ -37,8 +38,8 @@ wait_for_port() {
     return 1
 }
 
-# Install, in one apt call, the servers that are down and missing, plus what mysqlclient needs
-# to build (it has no Linux wheel).
+# Install, in one apt call, the servers that are down and missing, redis-server whenever it is
+# missing, plus what mysqlclient needs to build (it has no Linux wheel).
 install_missing_packages() {
     local packages=()
     if ! port_open 5432 && ! command -v pg_ctlcluster >/dev/null; then
@@ -47,7 +48,8 @@ install_missing_packages() {
     if ! port_open 3306 && [[ ! -x /usr/sbin/mariadbd ]]; then
         packages+=(mariadb-server)
     fi
-    if ! port_open 6379 && ! command -v redis-server >/dev/null; then
+    # tests/test_redis_outage.py starts, kills and pauses redis-servers of its own.
+    if ! command -v redis-server >/dev/null; then
         packages+=(redis-server)
     fi
     local package

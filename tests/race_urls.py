@@ -11,6 +11,8 @@ urlpatterns = [
     path("wait/", race_views.effect_wait),
     path("async/plain/", race_views.effect_async_plain),
     path("async/", race_views.effect_async),
+    path("count/lease/", race_views.count_lease),
+    path("count/wait/", race_views.count_wait),
 ]
 if race_views.HAS_DRF:
     urlpatterns += [

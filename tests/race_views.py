@@ -1,4 +1,6 @@
-"""Views for the concurrency and query-budget tests: every run records an effect row.
+"""Views for the concurrency, query-budget and cache-store tests: each run records an effect.
+
+The ``effect_*`` views write an effect row; the ``count_*`` views only count their runs.
 
 Each view is told by ``?note=<tag>`` which test it serves, so tests running in any order (and
 the rows they leave) never mix. ``?sleep=<seconds>`` makes the view slow. What the view does
@@ -6,6 +8,7 @@ beyond that is steered from outside the request, so that a retry sends the *same
 (same fingerprint) as the run it retries:
 
 * :func:`fail_next_run` makes the next run for a note raise after writing its effect;
+* :func:`hold_runs` makes runs for a note wait, once started, until the test lets them go;
 * in a worker process (``tests/race_worker.py``), ``RACE_WORKER_HOLD`` (``before`` or
   ``after`` the effect row) makes the view write ``RACE_WORKER_MARKER`` with its database
   connection's id and then block until the test kills the process.
@@ -18,6 +21,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +40,8 @@ _runs: Counter[str] = Counter()
 _entered: dict[str, threading.Event] = {}
 _windows: dict[str, list[tuple[float, float]]] = {}
 _failures: set[str] = set()
+_gates: dict[str, threading.Event] = {}
+HOLD_TIMEOUT = 10  # seconds: a held run that is never let go fails instead of hanging
 
 
 def runs(note: str) -> int:
@@ -60,6 +66,12 @@ def fail_next_run(note: str) -> None:
     """Make the next run for ``note`` raise once it has written its effect row."""
     with _lock:
         _failures.add(note)
+
+
+def hold_runs(note: str) -> threading.Event:
+    """Make runs for ``note`` wait, once started, until the returned event is set."""
+    with _lock:
+        return _gates.setdefault(note, threading.Event())
 
 
 def _start(note: str) -> float:
@@ -168,6 +180,36 @@ async def effect_async_plain(request):
 @idempotent
 async def effect_async(request):
     return _json(await _run_async(request))
+
+
+# Views without a database write, for the cache store's tests (tests/test_cache_store.py,
+# tests/test_redis_outage.py): they run the same on every database, SQLite's in-memory test
+# database included, and a test needs no database access at all. Each run answers with an id
+# of its own, so a replay is told from a second run by its body.
+
+
+def _count(request: Any) -> JsonResponse:
+    note = request.GET.get("note", "")
+    started = _start(note)
+    time.sleep(float(request.GET.get("sleep", "0")))
+    with _lock:
+        gate = _gates.get(note)
+    if gate is not None and not gate.wait(HOLD_TIMEOUT):
+        raise RuntimeError(f"a held run was never let go ({note})")
+    _finish(note, started)
+    response = JsonResponse({"note": note, "run": uuid.uuid4().hex}, status=201)
+    response["Location"] = f"/runs/{note}"
+    return response
+
+
+@idempotent(atomic=False)
+def count_lease(request):
+    return _count(request)
+
+
+@idempotent(atomic=False, wait=timedelta(seconds=5))
+def count_wait(request):
+    return _count(request)
 
 
 if HAS_DRF:  # the tox "minimal" env runs without DRF
