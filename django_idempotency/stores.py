@@ -84,9 +84,9 @@ class Store(Protocol):
     The claim rule every store follows: insert the record if the key is absent; if it is
     present, replace it with the caller's when :func:`may_take_over` says so (expired, or
     unfinished and abandoned: its lease passed with the same fingerprint, or in the atomic
-    mode its lock is free); otherwise leave it. The caller owns the key when the returned record carries its token. Failures to reach
-    the store raise :class:`StoreUnavailable`; a key held by a live request may raise
-    :class:`KeyLocked`.
+    mode its lock is free); otherwise leave it. The caller owns the key when the returned
+    record carries its token. Failures to reach the store raise :class:`StoreUnavailable`;
+    a key held by a live request may raise :class:`KeyLocked`.
     """
 
     #: Whether :meth:`lock` is available (the atomic mode).
@@ -168,7 +168,7 @@ class DatabaseStore:
             # A miss (the cache was restarted, or evicted the copy): refill it for the rest
             # of the key's life, so the next replay needs no query again.
             assert record.response is not None
-            remaining = row.expires_at - row.db_now  # type: ignore[attr-defined]
+            remaining = row.expires_at - row.db_now
             replay_cache.remember(scope, key, record.fingerprint, record.response, remaining)
         return record
 

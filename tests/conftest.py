@@ -126,6 +126,21 @@ def api_client(alice):
     return client
 
 
+@pytest.fixture(params=["database", pytest.param("cache", marks=pytest.mark.redis)])
+def store(request):
+    """Run the test once with each store; the store's harness (``tests/store_harness.py``).
+
+    The cache variant uses ``CacheStore`` on the ``redis`` cache under a key prefix of the
+    test's own, whose keys are deleted before and after the test, so no test sees another's.
+    """
+    from tests.store_harness import harness_for
+
+    harness = harness_for(request.param, request)
+    harness.clear()
+    yield harness
+    harness.clear()
+
+
 @pytest.fixture
 def offline_store(settings, tmp_path):
     """Make ``IDEMPOTENCY_STORE`` a database store whose database cannot be reached.

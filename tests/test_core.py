@@ -1,8 +1,11 @@
-"""Unit tests of ``django_idempotency.core``: keys, scopes, fingerprints and responses."""
+"""Unit tests of ``django_idempotency.core``: keys, scopes, fingerprints and responses, and the
+store protocol that core relies on, run against each store."""
 
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
@@ -10,6 +13,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import RequestFactory
 from django.test.client import encode_multipart
 
+from django_idempotency.conf import get_store
 from django_idempotency.core import (
     Options,
     error_response,
@@ -28,7 +32,7 @@ from django_idempotency.exceptions import (
     RequestInvalid,
     StoreUnavailable,
 )
-from django_idempotency.stores import StoredResponse
+from django_idempotency.stores import ClaimRequest, StoredResponse
 from tests.factories import UserFactory
 
 factory = RequestFactory()
@@ -439,3 +443,105 @@ def test_multipart_patch_fingerprint_covers_its_fields_but_not_its_boundary():
 
     assert one == request_fingerprint(patch("second-boundary", amount="1"))
     assert one != request_fingerprint(patch("first-boundary", amount="999"))
+
+
+# -- The store protocol, with each store -----------------------------------------------------
+
+LEASE = timedelta(seconds=30)
+
+
+def claim_request(fingerprint: str = "f" * 64, *, key: str = "order-1") -> ClaimRequest:
+    """One request's claim of ``key``: a fresh owner token each time."""
+    return ClaimRequest(
+        scope="anonymous",
+        key=key,
+        fingerprint=fingerprint,
+        method="POST",
+        path="/orders/",
+        token=uuid.uuid4().hex,
+        ttl=timedelta(hours=1),
+    )
+
+
+@pytest.mark.django_db
+def test_store_gives_a_new_key_to_its_first_claim_and_shows_the_holder_to_a_duplicate(store):
+    first, duplicate = claim_request(), claim_request()
+    backend = get_store()
+
+    assert backend.get(scope="anonymous", key="order-1") is None
+    assert backend.claim(first, lease=LEASE).owner_token == first.token
+    held = backend.claim(duplicate, lease=LEASE)
+
+    assert held.owner_token == first.token
+    assert (held.state, held.fingerprint, held.live, held.response) == (
+        "in_progress",
+        first.fingerprint,
+        True,
+        None,
+    )
+    assert 25 < held.lease_remaining <= 30
+    assert store.count() == 1
+
+
+@pytest.mark.django_db
+def test_store_keeps_a_completed_response_for_its_ttl_then_lets_a_new_claim_replace_it(store):
+    first, retry = claim_request(), claim_request()
+    response = StoredResponse(status=201, headers=[("Location", "/orders/7")], body=b"{}")
+    backend = get_store()
+    backend.claim(first, lease=LEASE)
+
+    assert backend.complete(first, response) is True
+    replayed = backend.claim(retry, lease=LEASE)
+    assert (replayed.owner_token, replayed.state, replayed.response) == (
+        first.token,
+        "completed",
+        response,
+    )
+    assert backend.release(first) is False  # a completed key is never given back
+
+    store.expire("order-1")
+    assert backend.claim(retry, lease=LEASE).owner_token == retry.token
+
+
+@pytest.mark.django_db
+def test_store_frees_a_released_claim_for_any_request(store):
+    first, corrected = claim_request(), claim_request("e" * 64)
+    backend = get_store()
+    backend.claim(first, lease=LEASE)
+
+    assert backend.release(first) is True
+    assert store.count() == 0
+    assert backend.claim(corrected, lease=LEASE).owner_token == corrected.token
+
+
+@pytest.mark.django_db
+def test_store_lets_only_the_same_request_take_over_a_passed_lease(store):
+    dead, other, same = claim_request(), claim_request("e" * 64), claim_request()
+    backend = get_store()
+    backend.claim(dead, lease=LEASE)
+    store.set_lease("order-1", timedelta(seconds=-1))
+
+    # The dead request may have had side effects: only a retry of it may finish its work.
+    assert backend.claim(other, lease=LEASE).owner_token == dead.token
+    assert backend.claim(same, lease=LEASE).owner_token == same.token
+
+
+@pytest.mark.django_db
+def test_request_whose_lease_was_taken_over_cannot_renew_complete_or_release_the_key(store):
+    old, new = claim_request(), claim_request()
+    old_response = StoredResponse(status=201, headers=[], body=b'{"owner": "old"}')
+    new_response = StoredResponse(status=201, headers=[], body=b'{"owner": "new"}')
+    backend = get_store()
+    backend.claim(old, lease=LEASE)
+    store.set_lease("order-1", timedelta(seconds=-1))
+    assert backend.claim(new, lease=LEASE).owner_token == new.token
+
+    assert backend.renew(old, lease=LEASE) is False
+    assert backend.complete(old, old_response) is False
+    assert backend.release(old) is False
+    assert backend.renew(new, lease=timedelta(minutes=2)) is True
+    assert backend.complete(new, new_response) is True
+
+    record = backend.get(scope="anonymous", key="order-1")
+    assert (record.owner_token, record.response) == (new.token, new_response)
+    assert store.get("order-1").body == b'{"owner": "new"}'

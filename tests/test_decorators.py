@@ -2,7 +2,9 @@
 
 Every row runs against four kinds of view: ``sync`` (the atomic mode), ``lease``
 (``@idempotent(atomic=False)``), ``async`` (always the lease mode) and ``api`` (a sync view under
-DRF's ``@api_view``, when DRF is installed). The views are in ``tests/views.py``.
+DRF's ``@api_view``, when DRF is installed), and with each store (the ``store`` fixture): the
+database store and the cache store, which has no atomic mode, so there every kind runs in the
+lease mode. The views are in ``tests/views.py``.
 """
 
 from __future__ import annotations
@@ -16,24 +18,25 @@ from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
-from django.db.models.functions import Now
+from django.http import HttpResponse
 from django.test import Client, RequestFactory
 from django.test.client import encode_multipart
 
 from django_idempotency.core import request_fingerprint
 from django_idempotency.decorators import idempotent
-from django_idempotency.models import IdempotencyKey
 from tests.assertions import assert_problem
-from tests.factories import IdempotencyKeyFactory, UserFactory
+from tests.factories import UserFactory
 from tests.models import Charge
+from tests.store_harness import STORED, cache_only, database_only
 from tests.views import HAS_DRF, VIEW_DATE
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("store")]
 
 BASE_URLS = {"sync": "/sync/", "lease": "/sync/lease/", "async": "/async/"}
 if HAS_DRF:
     BASE_URLS["api"] = "/api/"
-#: Kinds whose view runs inside the transaction that stores its response.
+#: Kinds whose view runs inside the transaction that stores its response (with a store that
+#: has the atomic mode).
 ATOMIC_KINDS = {"sync", "api"}
 
 KEY = "order-1"
@@ -59,13 +62,14 @@ def send(client, url, data=None, *, key=KEY, method="post", content_type=JSON, *
     return getattr(client, method)(url, data, content_type=content_type, headers=headers)
 
 
-def stored_rows() -> list[dict]:
-    """Every key row, as plain values (bodies as bytes), to compare before and after."""
-    rows = list(IdempotencyKey.objects.order_by("pk").values())
-    for row in rows:
-        if row["response_body"] is not None:
-            row["response_body"] = bytes(row["response_body"])
-    return rows
+def atomic_mode(kind, store) -> bool:
+    """Whether the view of ``kind`` runs in the transaction that stores its response."""
+    return kind in ATOMIC_KINDS and store.supports_atomic
+
+
+def assert_kept_for(record, ttl: timedelta) -> None:
+    """Assert that a just-completed key lives for ``ttl`` from now, on the store's clock."""
+    assert ttl - timedelta(seconds=30) < record.expires_in <= ttl
 
 
 def fingerprint_of(url, data=None, *, method="POST", content_type=JSON) -> str:
@@ -87,7 +91,9 @@ def replayable(headers) -> dict[str, str]:
 # -- No key ---------------------------------------------------------------------------------
 
 
-def test_request_without_key_gets_the_views_own_answer_and_nothing_is_stored(client, url, runs):
+def test_request_without_key_gets_the_views_own_answer_and_nothing_is_stored(
+    client, url, runs, store
+):
     first = send(client, url, key=None)
     second = send(client, url, key=None)
 
@@ -95,15 +101,15 @@ def test_request_without_key_gets_the_views_own_answer_and_nothing_is_stored(cli
     assert first.json()["id"] != second.json()["id"]
     assert not second.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
-def test_request_without_key_is_refused_when_the_view_requires_one(client, url, runs):
+def test_request_without_key_is_refused_when_the_view_requires_one(client, url, runs, store):
     response = send(client, f"{url}required/", key=None)
 
     assert_problem(response, 400, "idempotency_key_missing")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 def test_required_setting_makes_a_missing_key_an_error(client, url, runs, settings):
@@ -145,16 +151,16 @@ MALFORMED_KEYS = {
 
 
 @pytest.mark.parametrize("raw_key", MALFORMED_KEYS.values(), ids=MALFORMED_KEYS.keys())
-def test_malformed_key_is_refused_and_the_view_does_not_run(client, url, runs, raw_key):
+def test_malformed_key_is_refused_and_the_view_does_not_run(client, url, runs, store, raw_key):
     response = send(client, url, key=raw_key)
 
     assert_problem(response, 400, "idempotency_key_invalid")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
     assert Charge.objects.count() == 0
 
 
-def test_key_of_255_characters_is_accepted_and_replayed(client, url, runs):
+def test_key_of_255_characters_is_accepted_and_replayed(client, url, runs, store):
     key = "k" * 255
 
     first = send(client, url, key=key)
@@ -163,7 +169,8 @@ def test_key_of_255_characters_is_accepted_and_replayed(client, url, runs):
     assert first.status_code == 201
     assert second.content == first.content
     assert second["Idempotent-Replayed"] == "true"
-    assert IdempotencyKey.objects.get().key == key
+    assert store.count() == 1
+    assert store.get(key) is not None
     assert len(runs) == 1
 
 
@@ -187,7 +194,7 @@ def test_quoted_and_bare_forms_name_the_same_key(client, url, runs, first_key, r
     ids=["letter case", "trailing space"],
 )
 def test_keys_that_differ_only_in_case_or_trailing_space_are_different_keys(
-    client, url, runs, first_key, other_key
+    client, url, runs, store, first_key, other_key
 ):
     send(client, url, key=first_key)
     other = send(client, url, {"amount": 6}, key=other_key)
@@ -195,10 +202,10 @@ def test_keys_that_differ_only_in_case_or_trailing_space_are_different_keys(
     assert other.status_code == 201, other.content
     assert not other.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 2
+    assert store.count() == 2
 
 
-def test_header_setting_names_the_header_that_carries_the_key(client, url, runs, settings):
+def test_header_setting_names_the_header_that_carries_the_key(client, url, runs, store, settings):
     settings.IDEMPOTENCY_HEADER = "X-Request-Key"
 
     first = send(client, url, key=None, **{"X-Request-Key": KEY})
@@ -210,23 +217,25 @@ def test_header_setting_names_the_header_that_carries_the_key(client, url, runs,
     assert other_header.status_code == 201
     assert not other_header.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 1
+    assert store.count() == 1
 
 
 # -- New key and replay ---------------------------------------------------------------------
 
 
-def test_new_key_runs_the_view_once_and_stores_its_response(client, url, runs):
+def test_new_key_runs_the_view_once_and_stores_its_response(client, url, runs, store):
     response = send(client, url)
 
     assert response.status_code == 201
     assert not response.has_header("Idempotent-Replayed")
     assert len(runs) == 1
-    row = IdempotencyKey.objects.get()
-    assert (row.key, row.scope, row.method, row.path) == (KEY, "anonymous", "POST", url)
-    assert row.state == IdempotencyKey.State.COMPLETED
-    assert row.response_status == 201
-    assert bytes(row.response_body) == response.content
+    assert store.count() == 1
+    record = store.get(KEY, scope="anonymous")
+    assert (record.method, record.path) == ("POST", url)
+    assert record.fingerprint == fingerprint_of(url)
+    assert record.state == "completed"
+    assert record.status == 201
+    assert record.body == response.content
 
 
 def test_retry_gets_the_first_response_byte_for_byte_without_running_the_view(client, url, runs):
@@ -242,7 +251,9 @@ def test_retry_gets_the_first_response_byte_for_byte_without_running_the_view(cl
     assert Charge.objects.count() == 1
 
 
-def test_replay_never_carries_the_first_callers_cookie_date_or_hop_by_hop_header(client, url):
+def test_replay_never_carries_the_first_callers_cookie_date_or_hop_by_hop_header(
+    client, url, store
+):
     first = send(client, url)
     retry = send(client, url)
 
@@ -251,7 +262,7 @@ def test_replay_never_carries_the_first_callers_cookie_date_or_hop_by_hop_header
     assert "session_hint" not in retry.cookies
     assert retry.get("Date") != VIEW_DATE
     assert not retry.has_header("Keep-Alive")
-    stored_names = {name.lower() for name, _ in IdempotencyKey.objects.get().response_headers}
+    stored_names = {name.lower() for name, _ in store.get(KEY).headers}
     assert not stored_names & {"set-cookie", "date", "keep-alive"}
 
 
@@ -303,9 +314,11 @@ def test_async_client_gets_the_same_replay(async_client, runs):
     ],
     ids=["body", "query string", "method", "path"],
 )
-def test_same_key_for_a_different_request_is_refused_and_the_row_kept(client, url, runs, change):
+def test_same_key_for_a_different_request_is_refused_and_the_key_kept(
+    client, url, runs, store, change
+):
     first = send(client, url)
-    before = stored_rows()
+    before = store.snapshot()
 
     response = send(
         client,
@@ -316,7 +329,7 @@ def test_same_key_for_a_different_request_is_refused_and_the_row_kept(client, ur
 
     assert_problem(response, 422, "idempotency_key_mismatch")
     assert len(runs) == 1
-    assert stored_rows() == before
+    assert store.snapshot() == before
     assert send(client, url).content == first.content
 
 
@@ -383,29 +396,28 @@ def test_same_file_uploaded_again_is_replayed_and_a_different_file_refused(clien
 # -- In progress ----------------------------------------------------------------------------
 
 
-def test_key_held_by_a_live_request_answers_409_with_retry_after(client, url, runs):
-    IdempotencyKeyFactory(key=KEY, path=url, fingerprint=fingerprint_of(url), in_progress=True)
-    before = stored_rows()
+def test_key_held_by_a_live_request_answers_409_with_retry_after(client, url, runs, store):
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url))
+    before = store.snapshot()
 
     response = send(client, url)
 
     assert_problem(response, 409, "idempotency_key_in_progress")
     assert 1 <= int(response["Retry-After"]) <= 30
     assert runs == []
-    assert stored_rows() == before
+    assert store.snapshot() == before
 
 
-def test_key_held_by_a_live_request_for_another_request_answers_422(client, url, runs):
-    IdempotencyKeyFactory(key=KEY, path=url, fingerprint="f" * 64, in_progress=True)
+def test_key_held_by_a_live_request_for_another_request_answers_422(client, url, runs, store):
+    store.plant(KEY, path=url, fingerprint="f" * 64)
 
     assert_problem(send(client, url), 422, "idempotency_key_mismatch")
     assert runs == []
 
 
-def test_waiting_duplicate_gives_up_with_409_after_the_configured_wait(client, url, runs):
+def test_waiting_duplicate_gives_up_with_409_after_the_configured_wait(client, url, runs, store):
     waiting_url = f"{url}short-wait/"
-    fingerprint = fingerprint_of(waiting_url)
-    IdempotencyKeyFactory(key=KEY, path=waiting_url, fingerprint=fingerprint, in_progress=True)
+    store.plant(KEY, path=waiting_url, fingerprint=fingerprint_of(waiting_url))
 
     started = time.monotonic()
     response = send(client, waiting_url)
@@ -417,9 +429,9 @@ def test_waiting_duplicate_gives_up_with_409_after_the_configured_wait(client, u
     assert runs == []
 
 
-def test_wait_setting_makes_a_duplicate_wait_before_its_409(client, url, runs, settings):
+def test_wait_setting_makes_a_duplicate_wait_before_its_409(client, url, runs, store, settings):
     settings.IDEMPOTENCY_WAIT = timedelta(seconds=0.3)
-    IdempotencyKeyFactory(key=KEY, path=url, fingerprint=fingerprint_of(url), in_progress=True)
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url))
 
     started = time.monotonic()
     response = send(client, url)
@@ -429,24 +441,32 @@ def test_wait_setting_makes_a_duplicate_wait_before_its_409(client, url, runs, s
     assert runs == []
 
 
-def test_unfinished_claim_without_a_lease_whose_request_died_is_taken_over(client, url, runs):
+# Only the database store has the atomic mode, so only it can hold a claim without a lease.
+@database_only
+def test_unfinished_claim_without_a_lease_whose_request_died_is_taken_over(
+    client, url, runs, store
+):
     # An atomic-mode claim: no lease, and nobody holds its row lock any more.
-    IdempotencyKeyFactory(key=KEY, path=url, fingerprint=fingerprint_of(url), locked_until=None)
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url), lease=None)
 
     response = send(client, url)
 
     assert response.status_code == 201
     assert len(runs) == 1
-    row = IdempotencyKey.objects.get()
-    assert row.state == IdempotencyKey.State.COMPLETED
-    assert bytes(row.response_body) == response.content
+    record = store.get(KEY)
+    assert record.state == "completed"
+    assert record.body == response.content
 
 
+# Only the database store has the atomic mode, so only it can hold a claim without a lease.
+@database_only
 @pytest.mark.parametrize("kind", sorted(ATOMIC_KINDS & set(BASE_URLS)))
-def test_claim_left_by_a_request_that_died_does_not_block_a_corrected_retry(client, url, runs):
+def test_claim_left_by_a_request_that_died_does_not_block_a_corrected_retry(
+    client, url, runs, store
+):
     # The atomic mode promises that a crash rolls everything back, the claim included, so
     # the retry starts clean: a corrected request may use the key (as after a raised error).
-    IdempotencyKeyFactory(key=KEY, path=url, fingerprint=fingerprint_of(url), locked_until=None)
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url), lease=None)
 
     response = send(client, url, {"amount": 6})
 
@@ -456,11 +476,9 @@ def test_claim_left_by_a_request_that_died_does_not_block_a_corrected_retry(clie
 
 
 @pytest.mark.parametrize("kind", sorted(set(BASE_URLS) - ATOMIC_KINDS))
-def test_live_request_keeps_its_key_even_when_its_ttl_has_passed(client, url, runs):
+def test_live_request_keeps_its_key_even_when_its_ttl_has_passed(client, url, runs, store):
     # A TTL shorter than a slow lease-mode view: its lease is renewed, so it is still running.
-    IdempotencyKeyFactory(
-        key=KEY, path=url, fingerprint=fingerprint_of(url), in_progress=True, expired=True
-    )
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url), expired=True)
 
     response = send(client, url)
 
@@ -468,11 +486,10 @@ def test_live_request_keeps_its_key_even_when_its_ttl_has_passed(client, url, ru
     assert runs == []
 
 
-def test_unfinished_claim_whose_lease_passed_on_the_database_clock_is_taken_over(
-    client, url, runs, app_clock
+def test_unfinished_claim_whose_lease_passed_on_the_store_clock_is_taken_over(
+    client, url, runs, store, app_clock
 ):
-    row = IdempotencyKeyFactory(key=KEY, path=url, fingerprint=fingerprint_of(url))
-    IdempotencyKey.objects.filter(pk=row.pk).update(locked_until=Now() - timedelta(seconds=1))
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url), lease=timedelta(seconds=-1))
     app_clock(-timedelta(hours=1))  # by the app's clock the lease would run for another hour
 
     response = send(client, url)
@@ -481,11 +498,10 @@ def test_unfinished_claim_whose_lease_passed_on_the_database_clock_is_taken_over
     assert len(runs) == 1
 
 
-def test_live_lease_on_the_database_clock_answers_409_whatever_the_app_clock_says(
-    client, url, runs, app_clock
+def test_live_lease_on_the_store_clock_answers_409_whatever_the_app_clock_says(
+    client, url, runs, store, app_clock
 ):
-    row = IdempotencyKeyFactory(key=KEY, path=url, fingerprint=fingerprint_of(url))
-    IdempotencyKey.objects.filter(pk=row.pk).update(locked_until=Now() + timedelta(seconds=30))
+    store.plant(KEY, path=url, fingerprint=fingerprint_of(url), lease=timedelta(seconds=30))
     app_clock(timedelta(hours=1))  # by the app's clock the lease passed long ago
 
     assert_problem(send(client, url), 409, "idempotency_key_in_progress")
@@ -495,28 +511,25 @@ def test_live_lease_on_the_database_clock_answers_409_whatever_the_app_clock_say
 # -- Expiry -----------------------------------------------------------------------------------
 
 
-def test_expired_key_is_treated_as_new_and_its_row_replaced(client, url, runs):
-    old = IdempotencyKeyFactory(key=KEY, path="/elsewhere/", completed=True, expired=True)
+def test_expired_key_is_treated_as_new_and_its_record_replaced(client, url, runs, store):
+    store.plant(KEY, path="/elsewhere/", fingerprint="0" * 64, response=STORED, expired=True)
 
     response = send(client, url)
 
     assert response.status_code == 201
-    assert response.content != b'{"stored": true}'
+    assert response.content != STORED[2]
     assert len(runs) == 1
-    row = IdempotencyKey.objects.get()
-    assert row.fingerprint != old.fingerprint
-    assert (row.path, row.response_status, bytes(row.response_body)) == (
-        url,
-        201,
-        response.content,
-    )
-    assert row.expires_at > old.expires_at + timedelta(hours=23)
+    assert store.count() == 1
+    record = store.get(KEY)
+    assert record.fingerprint == fingerprint_of(url)
+    assert (record.path, record.status, record.body) == (url, 201, response.content)
+    assert_kept_for(record, timedelta(hours=24))
     assert send(client, url)["Idempotent-Replayed"] == "true"
 
 
-def test_key_expired_only_by_the_database_clock_is_treated_as_new(client, url, runs, app_clock):
+def test_key_expired_only_by_the_store_clock_is_treated_as_new(client, url, runs, store, app_clock):
     send(client, url)
-    IdempotencyKey.objects.update(expires_at=Now() - timedelta(seconds=1))
+    store.expire(KEY)
     app_clock(-timedelta(hours=1))  # by the app's clock the key would live another hour
 
     response = send(client, url)
@@ -525,7 +538,7 @@ def test_key_expired_only_by_the_database_clock_is_treated_as_new(client, url, r
     assert len(runs) == 2
 
 
-def test_key_live_by_the_database_clock_is_replayed_whatever_the_app_clock_says(
+def test_key_live_by_the_store_clock_is_replayed_whatever_the_app_clock_says(
     client, url, runs, app_clock
 ):
     first = send(client, url)
@@ -538,45 +551,44 @@ def test_key_live_by_the_database_clock_is_replayed_whatever_the_app_clock_says(
     assert len(runs) == 1
 
 
-def test_ttl_option_sets_how_long_the_response_is_kept(client, url):
+def test_ttl_option_sets_how_long_the_response_is_kept(client, url, store):
     send(client, f"{url}ttl/")
 
-    row = IdempotencyKey.objects.get()
-    assert row.expires_at - row.completed_at == timedelta(days=2)
+    assert_kept_for(store.get(KEY), timedelta(days=2))
 
 
-def test_ttl_setting_sets_how_long_the_response_is_kept(client, url, settings):
+def test_ttl_setting_sets_how_long_the_response_is_kept(client, url, store, settings):
     settings.IDEMPOTENCY_TTL = timedelta(minutes=5)
 
     send(client, url)
 
-    row = IdempotencyKey.objects.get()
-    assert row.expires_at - row.completed_at == timedelta(minutes=5)
+    assert_kept_for(store.get(KEY), timedelta(minutes=5))
 
 
-def test_response_is_kept_for_24_hours_by_default(client, url):
+def test_response_is_kept_for_24_hours_by_default(client, url, store):
     send(client, url)
 
-    row = IdempotencyKey.objects.get()
-    assert row.expires_at - row.completed_at == timedelta(hours=24)
+    assert_kept_for(store.get(KEY), timedelta(hours=24))
 
 
 # -- Store unreachable ----------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("offline_store")
-def test_unreachable_store_answers_503_and_the_view_does_not_run(client, url, runs):
+def test_unreachable_store_answers_503_and_the_view_does_not_run(client, url, runs, store):
+    store.make_unreachable()
+
     response = send(client, url)
 
     assert_problem(response, 503, "idempotency_store_unavailable")
     assert int(response["Retry-After"]) >= 1
     assert runs == []
     assert Charge.objects.count() == 0
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
-@pytest.mark.usefixtures("offline_store")
-def test_unreachable_store_does_not_matter_to_a_request_without_key(client, url, runs):
+def test_unreachable_store_does_not_matter_to_a_request_without_key(client, url, runs, store):
+    store.make_unreachable()
+
     assert send(client, url, key=None).status_code == 201
     assert len(runs) == 1
 
@@ -585,7 +597,7 @@ def test_unreachable_store_does_not_matter_to_a_request_without_key(client, url,
 
 
 @pytest.mark.django_db(transaction=True)
-def test_view_that_raises_stores_nothing_and_leaves_the_key_free(client, url, kind, runs):
+def test_view_that_raises_stores_nothing_and_leaves_the_key_free(client, url, kind, runs, store):
     failing = f"{url}?behaviour=raise"
 
     for _ in range(2):
@@ -593,9 +605,9 @@ def test_view_that_raises_stores_nothing_and_leaves_the_key_free(client, url, ki
             send(client, failing)
 
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
     # In the atomic mode the failed attempts' writes rolled back with them.
-    assert Charge.objects.count() == (0 if kind in ATOMIC_KINDS else 2)
+    assert Charge.objects.count() == (0 if atomic_mode(kind, store) else 2)
     corrected = send(client, url)
     assert corrected.status_code == 201
     assert not corrected.has_header("Idempotent-Replayed")
@@ -603,7 +615,7 @@ def test_view_that_raises_stores_nothing_and_leaves_the_key_free(client, url, ki
 
 
 @pytest.mark.django_db(transaction=True)
-def test_returned_client_error_is_stored_and_replayed(client, url, runs):
+def test_returned_client_error_is_stored_and_replayed(client, url, runs, store):
     first = send(client, f"{url}?behaviour=400")
     retry = send(client, f"{url}?behaviour=400")
 
@@ -611,25 +623,27 @@ def test_returned_client_error_is_stored_and_replayed(client, url, runs):
     assert retry["Idempotent-Replayed"] == "true"
     assert (retry.status_code, retry.content) == (400, first.content)
     assert len(runs) == 1
-    assert IdempotencyKey.objects.get().response_status == 400
+    assert store.get(KEY).status == 400
 
 
 @pytest.mark.django_db(transaction=True)
-def test_returned_server_error_is_not_stored_and_leaves_the_key_free(client, url, kind, runs):
+def test_returned_server_error_is_not_stored_and_leaves_the_key_free(
+    client, url, kind, runs, store
+):
     first = send(client, f"{url}?behaviour=500")
     retry = send(client, f"{url}?behaviour=500")
 
     assert first.status_code == retry.status_code == 500
     assert not retry.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
     # In the atomic mode the view's writes are rolled back with its unstored response.
-    assert Charge.objects.count() == (0 if kind in ATOMIC_KINDS else 2)
+    assert Charge.objects.count() == (0 if atomic_mode(kind, store) else 2)
     assert send(client, url).status_code == 201
 
 
 @pytest.mark.django_db(transaction=True)
-def test_server_error_is_stored_when_the_setting_says_so(client, url, runs, settings):
+def test_server_error_is_stored_when_the_setting_says_so(client, url, runs, store, settings):
     settings.IDEMPOTENCY_STORE_SERVER_ERRORS = True
 
     first = send(client, f"{url}?behaviour=500")
@@ -639,11 +653,13 @@ def test_server_error_is_stored_when_the_setting_says_so(client, url, runs, sett
     assert (retry.status_code, retry.content) == (500, first.content)
     assert len(runs) == 1
     assert Charge.objects.count() == 1
-    assert IdempotencyKey.objects.get().response_status == 500
+    assert store.get(KEY).status == 500
 
 
 @pytest.mark.django_db(transaction=True)
-def test_streaming_response_completes_the_key_without_a_body_and_is_never_rerun(client, url, runs):
+def test_streaming_response_completes_the_key_without_a_body_and_is_never_rerun(
+    client, url, runs, store
+):
     first = send(client, f"{url}?behaviour=stream")
     retry = send(client, f"{url}?behaviour=stream")
 
@@ -652,12 +668,14 @@ def test_streaming_response_completes_the_key_without_a_body_and_is_never_rerun(
     body = assert_problem(retry, 409, "idempotency_response_not_stored")
     assert body["original_status"] == 201
     assert len(runs) == 1
-    row = IdempotencyKey.objects.get()
-    assert (row.state, row.response_status, row.response_body) == ("completed", 201, None)
+    record = store.get(KEY)
+    assert (record.state, record.status, record.body) == ("completed", 201, None)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_response_over_the_maximum_size_is_never_rerun_nor_replayed(client, url, runs, settings):
+def test_response_over_the_maximum_size_is_never_rerun_nor_replayed(
+    client, url, runs, store, settings
+):
     settings.IDEMPOTENCY_MAX_RESPONSE_SIZE = 1000
 
     first = send(client, f"{url}?behaviour=large")
@@ -668,7 +686,7 @@ def test_response_over_the_maximum_size_is_never_rerun_nor_replayed(client, url,
     body = assert_problem(retry, 409, "idempotency_response_not_stored")
     assert body["original_status"] == 201
     assert len(runs) == 1
-    assert IdempotencyKey.objects.get().response_body is None
+    assert store.get(KEY).body is None
 
 
 def test_response_of_exactly_the_maximum_size_is_stored(client, url, runs, settings):
@@ -683,11 +701,11 @@ def test_response_of_exactly_the_maximum_size_is_stored(client, url, runs, setti
     assert len(runs) == 2
 
 
-def test_answers_of_this_layer_are_never_stored(client, url, runs):
+def test_answers_of_this_layer_are_never_stored(client, url, runs, store):
     send(client, url)
-    before = stored_rows()
-    IdempotencyKeyFactory(key="busy", path=url, fingerprint=fingerprint_of(url), in_progress=True)
-    busy = stored_rows()
+    before = store.snapshot()
+    store.plant("busy", path=url, fingerprint=fingerprint_of(url))
+    busy = store.snapshot()
 
     answers = [
         send(client, url, key=""),  # 400 invalid
@@ -698,7 +716,7 @@ def test_answers_of_this_layer_are_never_stored(client, url, runs):
 
     assert [answer.status_code for answer in answers] == [400, 400, 422, 409]
     assert len(runs) == 1
-    assert stored_rows() == busy
+    assert store.snapshot() == busy
     assert len(busy) == len(before) + 1
 
 
@@ -706,7 +724,9 @@ def test_answers_of_this_layer_are_never_stored(client, url, runs):
 
 
 @pytest.mark.parametrize("method", ["get", "head", "options"])
-def test_safe_methods_are_never_covered_even_when_listed(client, url, runs, settings, method):
+def test_safe_methods_are_never_covered_even_when_listed(
+    client, url, runs, store, settings, method
+):
     settings.IDEMPOTENCY_METHODS = ["GET", "HEAD", "OPTIONS", "POST"]
     request = getattr(client, method)
 
@@ -716,7 +736,7 @@ def test_safe_methods_are_never_covered_even_when_listed(client, url, runs, sett
     assert not second.has_header("Idempotent-Replayed")
     assert first.status_code < 500
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 def test_patch_is_covered_by_default(client, url, runs):
@@ -729,16 +749,16 @@ def test_patch_is_covered_by_default(client, url, runs):
 
 
 @pytest.mark.parametrize("method", ["put", "delete"])
-def test_other_unsafe_methods_are_not_covered_by_default(client, url, runs, method):
+def test_other_unsafe_methods_are_not_covered_by_default(client, url, runs, store, method):
     send(client, url, method=method)
     second = send(client, url, method=method)
 
     assert not second.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
-def test_methods_option_chooses_the_covered_methods(client, url, runs):
+def test_methods_option_chooses_the_covered_methods(client, url, runs, store):
     put_only = f"{url}put-only/"
 
     send(client, put_only)
@@ -749,7 +769,8 @@ def test_methods_option_chooses_the_covered_methods(client, url, runs):
     assert not post_again.has_header("Idempotent-Replayed")
     assert put_again["Idempotent-Replayed"] == "true"
     assert len(runs) == 3
-    assert IdempotencyKey.objects.get().method == "PUT"
+    assert store.count() == 1
+    assert store.get("put-key").method == "PUT"
 
 
 def test_methods_setting_chooses_the_covered_methods(client, url, runs, settings):
@@ -768,7 +789,7 @@ def test_methods_setting_chooses_the_covered_methods(client, url, runs, settings
 # -- Scope ----------------------------------------------------------------------------------
 
 
-def test_same_key_from_two_users_runs_once_for_each_and_never_crosses(client, url, runs):
+def test_same_key_from_two_users_runs_once_for_each_and_never_crosses(client, url, runs, store):
     alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
     alice_client, bob_client = Client(), Client()
     alice_client.force_login(alice)
@@ -784,13 +805,12 @@ def test_same_key_from_two_users_runs_once_for_each_and_never_crosses(client, ur
     assert alice_retry.content == alice_first.content
     assert bob_retry.content == bob_first.content
     assert len(runs) == 2
-    assert set(IdempotencyKey.objects.values_list("scope", flat=True)) == {
-        f"user:{alice.pk}",
-        f"user:{bob.pk}",
-    }
+    assert store.count() == 2
+    assert store.get(KEY, scope=f"user:{alice.pk}").body == alice_first.content
+    assert store.get(KEY, scope=f"user:{bob.pk}").body == bob_first.content
 
 
-def test_anonymous_callers_share_the_anonymous_scope_apart_from_users(client, url, runs):
+def test_anonymous_callers_share_the_anonymous_scope_apart_from_users(client, url, runs, store):
     alice_client = Client()
     alice_client.force_login(UserFactory(username="alice"))
 
@@ -802,10 +822,11 @@ def test_anonymous_callers_share_the_anonymous_scope_apart_from_users(client, ur
     assert not alice_first.has_header("Idempotent-Replayed")
     assert alice_first.json()["id"] != anonymous_first.json()["id"]
     assert len(runs) == 2
-    assert IdempotencyKey.objects.filter(scope="anonymous").count() == 1
+    assert store.count() == 2
+    assert store.get(KEY, scope="anonymous").body == anonymous_first.content
 
 
-def test_scope_setting_scopes_keys_by_what_it_returns(client, url, runs, settings):
+def test_scope_setting_scopes_keys_by_what_it_returns(client, url, runs, store, settings):
     settings.IDEMPOTENCY_SCOPE = "tests.views.tenant_scope"
     alice_client = Client()
     alice_client.force_login(UserFactory(username="alice"))
@@ -818,10 +839,9 @@ def test_scope_setting_scopes_keys_by_what_it_returns(client, url, runs, setting
     assert acme_again["Idempotent-Replayed"] == "true"
     assert acme_again.content == acme.content
     assert len(runs) == 2
-    assert set(IdempotencyKey.objects.values_list("scope", flat=True)) == {
-        "tenant:acme",
-        "tenant:globex",
-    }
+    assert store.count() == 2
+    assert store.get(KEY, scope="tenant:acme").body == acme.content
+    assert store.get(KEY, scope="tenant:globex").body == globex.content
 
 
 def test_scopes_that_differ_only_in_case_never_share_a_response(client, url, runs, settings):
@@ -878,14 +898,17 @@ def test_fingerprint_longer_than_a_digest_still_tells_requests_apart(client, url
 # -- Modes ----------------------------------------------------------------------------------
 
 
-def test_running_view_holds_its_key_as_in_progress(client, url, kind, settings):
+def test_running_view_holds_its_key_as_in_progress(client, url, kind, store, settings):
     settings.IDEMPOTENCY_LOCK_TTL = timedelta(minutes=2)
 
-    [row] = send(client, f"{url}?behaviour=peek").json()["rows"]
+    seen = send(client, f"{url}?behaviour=peek").json()
 
-    assert (row["key"], row["state"]) == (KEY, "in_progress")
+    assert (seen["keys"], seen["state"]) == (1, "in_progress")
     # The atomic mode holds a row lock, with no lease; the lease mode a renewable lease.
-    assert row["lease"] == (None if kind in ATOMIC_KINDS else 120)
+    if atomic_mode(kind, store):
+        assert seen["lease"] is None
+    else:
+        assert seen["lease"] == pytest.approx(120, abs=5)
 
 
 @pytest.mark.skipif(not HAS_DRF, reason="needs Django REST Framework")
@@ -906,9 +929,24 @@ def test_atomic_mode_cannot_wrap_an_async_view():
         idempotent(atomic=True)(charge)
 
 
+@cache_only
+def test_atomic_option_with_a_store_without_an_atomic_mode_is_refused_naming_the_store():
+    @idempotent(atomic=True)
+    def charge(request):
+        return HttpResponse(status=201)
+
+    request = RequestFactory().post("/charge/", headers={"Idempotency-Key": KEY})
+    with pytest.raises(ImproperlyConfigured, match=r"CacheStore has no atomic mode"):
+        charge(request)
+
+
+# The atomic mode, and the view's writes rolling back with it, exist in the database store only.
+@database_only
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("kind", sorted(ATOMIC_KINDS & set(BASE_URLS)))
-def test_atomic_mode_keeps_its_promises_under_atomic_requests(client, url, runs, monkeypatch):
+def test_atomic_mode_keeps_its_promises_under_atomic_requests(
+    client, url, runs, store, monkeypatch
+):
     monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
 
     server_error = send(client, f"{url}?behaviour=500")
@@ -922,7 +960,7 @@ def test_atomic_mode_keeps_its_promises_under_atomic_requests(client, url, runs,
     assert retry.content == first.content
     assert len(runs) == 3
     assert Charge.objects.count() == 1
-    assert IdempotencyKey.objects.count() == 1
+    assert store.count() == 1
 
 
 # -- Bad input --------------------------------------------------------------------------------
@@ -962,14 +1000,16 @@ def test_unreadable_body_is_left_to_the_view_and_never_a_server_error(
     ],
     ids=["JSON", "form", "text", "multipart"],
 )
-def test_body_over_the_upload_limit_is_refused_with_400(client, url, runs, settings, request_body):
+def test_body_over_the_upload_limit_is_refused_with_400(
+    client, url, runs, store, settings, request_body
+):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
 
     response = send(client, url, **request_body)
 
     assert_problem(response, 400, "idempotency_request_invalid")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 @pytest.mark.parametrize(
@@ -982,7 +1022,9 @@ def test_body_over_the_upload_limit_is_refused_with_400(client, url, runs, setti
         if (kind, where) != ("api", "query string")
     ],
 )
-def test_request_with_too_many_fields_is_refused_with_400(client, url, runs, settings, where):
+def test_request_with_too_many_fields_is_refused_with_400(
+    client, url, runs, store, settings, where
+):
     settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
     fields = {f"field{n}": "x" for n in range(20)}
     pairs = "&".join(f"{name}={value}" for name, value in fields.items())
@@ -996,12 +1038,12 @@ def test_request_with_too_many_fields_is_refused_with_400(client, url, runs, set
 
     assert_problem(response, 400, "idempotency_request_invalid")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
-def test_broken_multipart_body_is_refused_with_400(client, url, runs):
+def test_broken_multipart_body_is_refused_with_400(client, url, runs, store):
     response = send(client, url, b"not multipart at all", content_type="multipart/form-data")
 
     assert_problem(response, 400, "idempotency_request_invalid")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0

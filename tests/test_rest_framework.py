@@ -1,4 +1,8 @@
-"""The request contract through ``IdempotentMixin`` on DRF viewsets and ``APIView``s."""
+"""The request contract through ``IdempotentMixin`` on DRF viewsets and ``APIView``s.
+
+Every test runs with each store (the ``store`` fixture): the database store and the cache
+store, which has no atomic mode, so there every endpoint runs in the lease mode.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +23,13 @@ from rest_framework.views import APIView
 from rest_framework.viewsets import ModelViewSet
 
 from django_idempotency.core import request_fingerprint
-from django_idempotency.models import IdempotencyKey
 from django_idempotency.rest_framework import IdempotentMixin
 from tests.assertions import assert_problem
-from tests.factories import IdempotencyKeyFactory
 from tests.models import Charge
+from tests.store_harness import STORED, database_only
 from tests.views import VIEW_DATE
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("store")]
 
 KEY = "order-1"
 BODY = {"amount": 5}
@@ -38,6 +41,8 @@ class Endpoint:
     name: str
     method: str
     url: str
+    #: Whether the view runs in the transaction that stores its response, with a store that
+    #: has the atomic mode.
     atomic: bool = True
 
     def fingerprint(self, data=None) -> str:
@@ -77,6 +82,18 @@ def send(client, endpoint: Endpoint, data=None, *, key=KEY, suffix="", **headers
     return method(endpoint.url + suffix, data, content_type=JSON, headers=headers)
 
 
+def writes_kept(endpoint: Endpoint, store, attempts: int) -> int:
+    """What ``charges_written()`` counts after ``attempts`` runs that wrote, then failed."""
+    if endpoint.atomic and store.supports_atomic:
+        return 0  # rolled back with the claim
+    return 1 if endpoint.method == "patch" else attempts  # edits of one charge count once
+
+
+def kept_for(record, ttl: timedelta) -> bool:
+    """Whether a just-completed key lives for ``ttl`` from now, on the store's clock."""
+    return ttl - timedelta(seconds=30) < record.expires_in <= ttl
+
+
 def charges_written() -> int:
     """Charges other than the ``existing_charge`` fixture's, counting its edits as one."""
     return (
@@ -90,7 +107,7 @@ def charges_written() -> int:
 
 @pytest.mark.parametrize("name", ["viewset create", "viewset partial_update", "APIView optional"])
 def test_request_without_key_gets_the_views_own_answer_and_nothing_is_stored(
-    client, existing_charge, runs, name
+    client, existing_charge, runs, store, name
 ):
     endpoint = _endpoint(name, existing_charge)
 
@@ -100,18 +117,18 @@ def test_request_without_key_gets_the_views_own_answer_and_nothing_is_stored(
     assert first.status_code in (200, 201)
     assert not second.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 @pytest.mark.parametrize("name", ["APIView", "APIView lease mode"])
 def test_request_without_key_is_refused_when_the_view_requires_one(
-    client, existing_charge, runs, name
+    client, existing_charge, runs, store, name
 ):
     response = send(client, _endpoint(name, existing_charge), key=None)
 
     assert_problem(response, 400, "idempotency_key_missing")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 def test_required_setting_applies_to_views_that_do_not_say(client, runs, settings):
@@ -124,12 +141,12 @@ def test_required_setting_applies_to_views_that_do_not_say(client, runs, setting
 
 
 @pytest.mark.parametrize("raw_key", ["", "k" * 256, "clé", "a, b", '"abc'])
-def test_malformed_key_is_refused_and_the_view_does_not_run(client, endpoint, runs, raw_key):
+def test_malformed_key_is_refused_and_the_view_does_not_run(client, endpoint, runs, store, raw_key):
     response = send(client, endpoint, key=raw_key)
 
     assert_problem(response, 400, "idempotency_key_invalid")
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 def test_errors_of_this_layer_are_problem_json_whatever_the_client_accepts(client, endpoint):
@@ -171,22 +188,24 @@ def test_replay_never_carries_the_first_callers_cookie_date_or_hop_by_hop_header
     assert not retry.has_header("Keep-Alive")
 
 
-def test_new_key_stores_the_rendered_response(client, endpoint):
+def test_new_key_stores_the_rendered_response(client, endpoint, store):
     response = send(client, endpoint)
 
-    row = IdempotencyKey.objects.get()
-    assert row.state == IdempotencyKey.State.COMPLETED
-    assert (row.method, row.path) == (endpoint.method.upper(), endpoint.url)
-    assert row.response_status == response.status_code
-    assert bytes(row.response_body) == response.content
+    assert store.count() == 1
+    record = store.get(KEY)
+    assert record.state == "completed"
+    assert (record.method, record.path) == (endpoint.method.upper(), endpoint.url)
+    assert record.fingerprint == endpoint.fingerprint()
+    assert record.status == response.status_code
+    assert record.body == response.content
 
 
 @pytest.mark.parametrize("change", ["body", "query string"])
-def test_same_key_for_a_different_request_is_refused_and_the_row_kept(
-    client, endpoint, runs, change
+def test_same_key_for_a_different_request_is_refused_and_the_key_kept(
+    client, endpoint, runs, store, change
 ):
     send(client, endpoint)
-    before = list(IdempotencyKey.objects.values())
+    before = store.snapshot()
 
     if change == "body":
         response = send(client, endpoint, {"amount": 6})
@@ -195,7 +214,7 @@ def test_same_key_for_a_different_request_is_refused_and_the_row_kept(
 
     assert_problem(response, 422, "idempotency_key_mismatch")
     assert len(runs) == 1
-    assert list(IdempotencyKey.objects.values()) == before
+    assert store.snapshot() == before
 
 
 def test_same_key_on_another_endpoint_is_refused(client, existing_charge, runs):
@@ -207,9 +226,9 @@ def test_same_key_on_another_endpoint_is_refused(client, existing_charge, runs):
     assert len(runs) == 1
 
 
-def test_key_held_by_a_live_request_answers_409_with_retry_after(client, endpoint, runs):
-    IdempotencyKeyFactory(
-        key=KEY, path=endpoint.url, fingerprint=endpoint.fingerprint(), in_progress=True
+def test_key_held_by_a_live_request_answers_409_with_retry_after(client, endpoint, runs, store):
+    store.plant(
+        KEY, method=endpoint.method.upper(), path=endpoint.url, fingerprint=endpoint.fingerprint()
     )
 
     response = send(client, endpoint)
@@ -219,20 +238,23 @@ def test_key_held_by_a_live_request_answers_409_with_retry_after(client, endpoin
     assert runs == []
 
 
-def test_expired_key_is_treated_as_new_and_its_row_replaced(client, endpoint, runs):
-    IdempotencyKeyFactory(key=KEY, completed=True, expired=True)
+def test_expired_key_is_treated_as_new_and_its_record_replaced(client, endpoint, runs, store):
+    store.plant(KEY, fingerprint="0" * 64, response=STORED, expired=True)
 
     response = send(client, endpoint)
 
     assert response.status_code in (200, 201)
     assert len(runs) == 1
-    row = IdempotencyKey.objects.get()
-    assert bytes(row.response_body) == response.content
-    assert row.path == endpoint.url
+    assert store.count() == 1
+    record = store.get(KEY)
+    assert record.body == response.content
+    assert record.path == endpoint.url
+    assert kept_for(record, timedelta(hours=24))
 
 
-@pytest.mark.usefixtures("offline_store")
-def test_unreachable_store_answers_503_and_the_view_does_not_run(client, endpoint, runs):
+def test_unreachable_store_answers_503_and_the_view_does_not_run(client, endpoint, runs, store):
+    store.make_unreachable()
+
     response = send(client, endpoint)
 
     assert_problem(response, 503, "idempotency_store_unavailable")
@@ -246,12 +268,12 @@ def test_unreachable_store_answers_503_and_the_view_does_not_run(client, endpoin
 
 @pytest.mark.django_db(transaction=True)
 def test_validation_error_is_not_stored_and_a_corrected_retry_reuses_the_key(
-    client, endpoint, runs
+    client, endpoint, runs, store
 ):
     rejected = send(client, endpoint, {"amount": -1})
     assert rejected.status_code == 400
     assert "amount" in rejected.json()
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
     corrected = send(client, endpoint, {"amount": 7})
     retry = send(client, endpoint, {"amount": 7})
@@ -263,47 +285,49 @@ def test_validation_error_is_not_stored_and_a_corrected_retry_reuses_the_key(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_not_found_raised_by_the_view_is_not_stored_and_leaves_the_key_free(client, endpoint, runs):
+def test_not_found_raised_by_the_view_is_not_stored_and_leaves_the_key_free(
+    client, endpoint, runs, store
+):
     first = send(client, endpoint, suffix="?behaviour=notfound")
     second = send(client, endpoint, suffix="?behaviour=notfound")
 
     assert first.status_code == second.status_code == 404
     assert not second.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
     # The view wrote before raising: the atomic mode rolls that back.
-    assert charges_written() == (0 if endpoint.atomic else 2)
+    assert charges_written() == writes_kept(endpoint, store, 2)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_partial_update_of_a_missing_object_is_not_stored(client, runs):
+def test_partial_update_of_a_missing_object_is_not_stored(client, runs, store):
     missing = Endpoint("partial_update", "patch", "/viewset/charges/999999/")
 
     assert send(client, missing).status_code == 404
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 @pytest.mark.django_db(transaction=True)
-def test_unexpected_exception_stores_nothing_and_leaves_the_key_free(client, endpoint, runs):
+def test_unexpected_exception_stores_nothing_and_leaves_the_key_free(client, endpoint, runs, store):
     with pytest.raises(RuntimeError, match="the view failed"):
         send(client, endpoint, suffix="?behaviour=raise")
 
-    assert IdempotencyKey.objects.count() == 0
-    assert charges_written() == (0 if endpoint.atomic else 1)
+    assert store.count() == 0
+    assert charges_written() == writes_kept(endpoint, store, 1)
     assert send(client, endpoint).status_code in (200, 201)
     assert len(runs) == 2
 
 
 @pytest.mark.django_db(transaction=True)
-def test_returned_server_error_is_not_stored_and_leaves_the_key_free(client, endpoint, runs):
+def test_returned_server_error_is_not_stored_and_leaves_the_key_free(client, endpoint, runs, store):
     first = send(client, endpoint, suffix="?behaviour=500")
     retry = send(client, endpoint, suffix="?behaviour=500")
 
     assert first.status_code == retry.status_code == 500
     assert not retry.has_header("Idempotent-Replayed")
     assert len(runs) == 2
-    assert IdempotencyKey.objects.count() == 0
-    assert charges_written() == (0 if endpoint.atomic else 2)
+    assert store.count() == 0
+    assert charges_written() == writes_kept(endpoint, store, 2)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -330,7 +354,7 @@ def test_returned_client_error_is_stored_and_replayed(client, endpoint, runs):
 
 @pytest.mark.parametrize("behaviour", ["stream", "large"])
 def test_response_that_cannot_be_stored_is_never_rerun_nor_replayed(
-    client, endpoint, runs, settings, behaviour
+    client, endpoint, runs, store, settings, behaviour
 ):
     settings.IDEMPOTENCY_MAX_RESPONSE_SIZE = 1000
 
@@ -340,14 +364,15 @@ def test_response_that_cannot_be_stored_is_never_rerun_nor_replayed(
     body = assert_problem(retry, 409, "idempotency_response_not_stored")
     assert body["original_status"] == first.status_code
     assert len(runs) == 1
-    assert IdempotencyKey.objects.get().response_body is None
+    record = store.get(KEY)
+    assert (record.state, record.status, record.body) == ("completed", first.status_code, None)
 
 
 # -- Authentication and scope ---------------------------------------------------------------
 
 
 def test_key_is_scoped_to_the_user_drf_authenticated(
-    client, endpoint, runs, alice, bob, basic_auth
+    client, endpoint, runs, store, alice, bob, basic_auth
 ):
     alice_first = send(client, endpoint, **basic_auth(alice))
     bob_first = send(client, endpoint, **basic_auth(bob))
@@ -359,14 +384,13 @@ def test_key_is_scoped_to_the_user_drf_authenticated(
     assert bob_retry.content == bob_first.content
     assert alice_retry["Idempotent-Replayed"] == bob_retry["Idempotent-Replayed"] == "true"
     assert len(runs) == 2
-    assert set(IdempotencyKey.objects.values_list("scope", flat=True)) == {
-        f"user:{alice.pk}",
-        f"user:{bob.pk}",
-    }
+    assert store.count() == 2
+    assert store.get(KEY, scope=f"user:{alice.pk}").body == alice_first.content
+    assert store.get(KEY, scope=f"user:{bob.pk}").body == bob_first.content
 
 
 def test_idempotent_under_api_view_is_scoped_to_the_user_drf_authenticated(
-    client, runs, alice, bob, basic_auth
+    client, runs, store, alice, bob, basic_auth
 ):
     endpoint = Endpoint("api_view", "post", "/api/")
 
@@ -377,10 +401,9 @@ def test_idempotent_under_api_view_is_scoped_to_the_user_drf_authenticated(
     assert not bob_first.has_header("Idempotent-Replayed")
     assert alice_retry.content == alice_first.content
     assert len(runs) == 2
-    assert set(IdempotencyKey.objects.values_list("scope", flat=True)) == {
-        f"user:{alice.pk}",
-        f"user:{bob.pk}",
-    }
+    assert store.count() == 2
+    assert store.get(KEY, scope=f"user:{alice.pk}").body == alice_first.content
+    assert store.get(KEY, scope=f"user:{bob.pk}").body == bob_first.content
 
 
 def test_anonymous_caller_never_gets_a_users_response(client, endpoint, runs, alice, basic_auth):
@@ -391,7 +414,7 @@ def test_anonymous_caller_never_gets_a_users_response(client, endpoint, runs, al
     assert len(runs) == 2
 
 
-def test_session_client_is_scoped_to_its_user(api_client, alice, runs):
+def test_session_client_is_scoped_to_its_user(api_client, alice, runs, store):
     first = api_client.post(
         "/viewset/charges/", BODY, format="json", headers={"Idempotency-Key": KEY}
     )
@@ -401,10 +424,11 @@ def test_session_client_is_scoped_to_its_user(api_client, alice, runs):
 
     assert first.status_code == 201
     assert retry["Idempotent-Replayed"] == "true"
-    assert IdempotencyKey.objects.get().scope == f"user:{alice.pk}"
+    assert store.count() == 1
+    assert store.get(KEY, scope=f"user:{alice.pk}").body == first.content
 
 
-def test_request_refused_by_a_permission_claims_nothing(db, runs):
+def test_request_refused_by_a_permission_claims_nothing(db, runs, store):
     class Private(IdempotentMixin, APIView):
         permission_classes = [IsAuthenticated]
 
@@ -417,7 +441,7 @@ def test_request_refused_by_a_permission_claims_nothing(db, runs):
 
     assert response.status_code in (401, 403)
     assert runs == []
-    assert IdempotencyKey.objects.count() == 0
+    assert store.count() == 0
 
 
 # -- Per-view attributes and class order ------------------------------------------------------
@@ -430,7 +454,7 @@ def _call(view_class, method: str, key: str = KEY):
     return view_class.as_view()(request)
 
 
-def test_ttl_attribute_sets_how_long_the_response_is_kept(db):
+def test_ttl_attribute_sets_how_long_the_response_is_kept(db, store):
     class ShortLived(IdempotentMixin, APIView):
         idempotency_ttl = timedelta(minutes=10)
 
@@ -439,8 +463,7 @@ def test_ttl_attribute_sets_how_long_the_response_is_kept(db):
 
     _call(ShortLived, "post")
 
-    row = IdempotencyKey.objects.get()
-    assert row.expires_at - row.completed_at == timedelta(minutes=10)
+    assert kept_for(store.get(KEY), timedelta(minutes=10))
 
 
 def test_methods_attribute_chooses_the_covered_methods(db, runs):
@@ -494,8 +517,12 @@ def test_mixin_listed_first_is_accepted():
     assert view.__mro__.index(IdempotentMixin) < view.__mro__.index(ModelViewSet)
 
 
+# The atomic mode, and the view's writes rolling back with it, exist in the database store only.
+@database_only
 @pytest.mark.django_db(transaction=True)
-def test_mixin_keeps_its_promises_under_atomic_requests(client, existing_charge, runs, monkeypatch):
+def test_mixin_keeps_its_promises_under_atomic_requests(
+    client, existing_charge, runs, store, monkeypatch
+):
     monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
     endpoint = _endpoint("viewset create", existing_charge)
 
@@ -510,4 +537,4 @@ def test_mixin_keeps_its_promises_under_atomic_requests(client, existing_charge,
     assert retry.content == first.content
     assert len(runs) == 3
     assert charges_written() == 1
-    assert IdempotencyKey.objects.count() == 1
+    assert store.count() == 1

@@ -4,8 +4,8 @@ Every view "charges" a customer (one ``Charge`` row per run) and appends to :dat
 test can tell whether the view ran even when its database writes were rolled back. The query
 parameter ``behaviour`` makes a view misbehave after it has written its row: ``raise``,
 ``400``, ``500``, ``stream``, ``large`` (a 5,000-byte body), ``sleep<seconds>``, ``template``
-(a lazily rendered ``TemplateResponse``) or ``peek`` (answer with the key rows as the view
-sees them while it runs).
+(a lazily rendered ``TemplateResponse``) or ``peek`` (answer with the request's key as the
+view sees it while it runs).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.template import engines
 from django.template.response import TemplateResponse
 
+from django_idempotency.core import parse_key, user_scope
 from django_idempotency.decorators import idempotent
-from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import DatabaseStore
 from tests.models import Charge
+from tests.store_harness import current_harness
 
 #: One entry per run of a view under test, in order; emptied before each test (conftest.py).
 RUNS: list[str] = []
@@ -80,7 +81,7 @@ def _charge(request: Any) -> HttpResponse:
     if behaviour == "large":
         return HttpResponse(b"x" * LARGE_BODY_SIZE, status=201, content_type="text/plain")
     if behaviour == "peek":
-        return JsonResponse({"rows": peek_keys()}, status=201)
+        return JsonResponse(peek_key(request), status=201)
     if behaviour == "template":
         template = engines["django"].from_string(
             "<p>Charge {{ charge.pk }}: {{ charge.amount }}</p>"
@@ -92,21 +93,17 @@ def _charge(request: Any) -> HttpResponse:
     return _decorate(response, charge)
 
 
-def peek_keys() -> list[dict[str, Any]]:
-    """The key rows as a running view sees them, with each lease's length in seconds."""
-    rows = IdempotencyKey.objects.order_by("pk").values(
-        "key", "state", "created_at", "locked_until"
-    )
-    return [
-        {
-            "key": row["key"],
-            "state": row["state"],
-            "lease": None
-            if row["locked_until"] is None
-            else (row["locked_until"] - row["created_at"]).total_seconds(),
-        }
-        for row in rows
-    ]
+def peek_key(request: Any) -> dict[str, Any]:
+    """The request's own key as its running view sees it, in whichever store holds it: its
+    state, the seconds left on its lease (``None`` without one), and how many keys there are."""
+    harness = current_harness()
+    record = harness.get(parse_key(request.headers["Idempotency-Key"]), scope=user_scope(request))
+    assert record is not None
+    return {
+        "state": record.state,
+        "lease": None if record.lease is None else record.lease.total_seconds(),
+        "keys": harness.count(),
+    }
 
 
 def plain_charge(request):
@@ -219,7 +216,7 @@ if HAS_DRF:
         if behaviour == "large":
             return Response({"data": "x" * LARGE_BODY_SIZE}, status=response.status_code)
         if behaviour == "peek":
-            return Response({"rows": peek_keys()}, status=response.status_code)
+            return Response(peek_key(request), status=response.status_code)
         return response
 
     def _drf_decorate(response: Response, pk: int) -> Response:
