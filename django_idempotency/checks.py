@@ -277,11 +277,12 @@ def check_store_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
     config = caches[alias]
     if not _is_redis_cache(config):
         backend = config.get("BACKEND", "")
-        shared = (
-            "is not shared between processes, so duplicates in two workers would both run"
-            if backend in _PRIVATE_CACHES
-            else "has no atomic compare-and-set"
-        )
+        if backend in _PRIVATE_CACHES:
+            shared = "is not shared between processes, so duplicates in two workers would both run"
+        elif _import_class(backend) is None:
+            shared = "cannot be imported"
+        else:
+            shared = "has no atomic compare-and-set"
         return [
             _error(
                 "IDEMPOTENCY_STORE_CACHE",

@@ -141,6 +141,21 @@ def _keys():
     return order, expired
 
 
+def loads(browser, action) -> None:
+    """Run ``action`` (a click or a submit) and wait until the browser has left the page.
+
+    Without the wait, the next lookup can find an element of the page being left, which goes
+    stale a moment later, on a busy machine.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = browser.find_element(By.TAG_NAME, "html")
+    action()
+    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
+
+
 def test_an_operator_inspects_keys_and_purges_the_expired_ones(server, browser, screenshots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -152,7 +167,7 @@ def test_an_operator_inspects_keys_and_purges_the_expired_ones(server, browser, 
     browser.get(f"{server.url}/admin/login/?next={CHANGELIST}")
     browser.find_element(By.NAME, "username").send_keys(user.username)
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    loads(browser, browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click)
     assert browser.find_element(By.ID, "result_list")
     # Fold the admin's navigation away, so the screenshots show every column.
     browser.find_element(By.ID, "toggle-nav-sidebar").click()
@@ -160,7 +175,7 @@ def test_an_operator_inspects_keys_and_purges_the_expired_ones(server, browser, 
     screenshots(browser, "admin-changelist")
 
     # Filter: completed keys answered with a 4xx.
-    browser.find_element(By.LINK_TEXT, "4xx").click()
+    loads(browser, browser.find_element(By.LINK_TEXT, "4xx").click)
     rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
     assert len(rows) == 3
     assert all("402" in row.text for row in rows)
@@ -170,8 +185,8 @@ def test_an_operator_inspects_keys_and_purges_the_expired_ones(server, browser, 
     browser.get(f"{server.url}{CHANGELIST}")
     search = browser.find_element(By.ID, "searchbar")
     search.send_keys("order-2001")
-    search.submit()
-    browser.find_element(By.LINK_TEXT, "order-2001").click()
+    loads(browser, search.submit)
+    loads(browser, browser.find_element(By.LINK_TEXT, "order-2001").click)
     body = browser.find_element(By.CSS_SELECTOR, ".field-body_display pre").text
     assert '"email": "ada@example.com"' in body
     assert body.startswith('{\n  "id": 2001,')
@@ -190,7 +205,7 @@ def test_an_operator_inspects_keys_and_purges_the_expired_ones(server, browser, 
     browser.get(f"{server.url}{CHANGELIST}")
     browser.find_element(By.ID, "action-toggle").click()
     Select(browser.find_element(By.NAME, "action")).select_by_value("purge_expired")
-    browser.find_element(By.CSS_SELECTOR, ".actions button[type=submit]").click()
+    loads(browser, browser.find_element(By.CSS_SELECTOR, ".actions button[type=submit]").click)
     messages = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "ul.messagelist li")]
     assert messages == [
         "Deleted 6 expired keys.",

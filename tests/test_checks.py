@@ -8,6 +8,7 @@ that mode, so the tests that expect the warning take it away first.
 from __future__ import annotations
 
 import re
+import sys
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -302,6 +303,7 @@ BOUNDED = {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1}
 @pytest.fixture
 def caches_for_checks(settings):
     """Caches of every kind the checks tell apart (never connected to: checks only read)."""
+    pytest.importorskip("django_redis", reason="django-redis is not installed (tox minimal)")
     settings.CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
         "dummy": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"},
@@ -432,3 +434,21 @@ def test_the_store_cache_check_runs_with_the_caches_tag(caches_for_checks):
 
 class PinnedCacheStore(CacheStore):
     alias = "dummy"
+
+
+def test_e015_without_django_redis_installed(settings, monkeypatch):
+    """What a project gets when it names the cache store but django-redis is not installed."""
+    settings.CACHES = {
+        **settings.CACHES,
+        "redis": {"BACKEND": REDIS_BACKEND, "LOCATION": "redis://127.0.0.1:1/0"},
+    }
+    settings.IDEMPOTENCY_STORE = CACHE_STORE
+    settings.IDEMPOTENCY_STORE_CACHE = "redis"
+    for module in ("django_redis", "django_redis.cache"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+
+    [message] = check_store_cache()
+
+    assert message.id == "django_idempotency.E015"
+    assert f"{REDIS_BACKEND} cannot be imported" in message.msg
+    assert "pip install django-redis" in message.hint
