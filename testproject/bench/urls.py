@@ -1,0 +1,14 @@
+"""URLs of django-idempotency's benchmark server (``bench.settings``)."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("bench/ping/", views.ping),
+    path("bench/baseline/", views.baseline),
+    path("bench/atomic/", views.atomic),
+    path("bench/lease/", views.lease),
+]
