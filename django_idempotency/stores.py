@@ -160,7 +160,8 @@ class DatabaseStore:
             return cached
         alias = self._alias()
         with _translate_errors():
-            row = self._rows(alias).filter(scope=scope, key=key).first()
+            # (scope, key) is unique: no ORDER BY, unlike first().
+            row = next(iter(self._rows(alias).filter(scope=scope, key=key).order_by()[:1]), None)
         if row is None:
             return None
         record = _record(row)
@@ -194,13 +195,13 @@ class DatabaseStore:
         early = insert and connections[alias].features.has_select_for_update
         with ExitStack() as transaction:
             with _translate_errors():  # claiming; errors of the view itself pass untouched
-                if early:
-                    self._insert(alias, claim, lease=None)
+                inserted = early and self._insert(alias, claim, lease=None)
                 transaction.enter_context(db_transaction.atomic(using=alias))
-                if insert and not early and self._insert(alias, claim, lease=None):
-                    record = _owned_record(claim)
-                else:
-                    record = self._take(alias, claim, lease=None)
+                if inserted:  # ours, unless a duplicate took it over before we locked it
+                    owned = self._lock_own(alias, claim)
+                else:  # SQLite: the insert is inside the transaction, and then ours
+                    owned = insert and not early and self._insert(alias, claim, lease=None)
+                record = _owned_record(claim) if owned else self._take(alias, claim, lease=None)
             yield record
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
@@ -242,6 +243,15 @@ class DatabaseStore:
             scope=claim.scope, key=claim.key, owner_token=claim.token, state=IN_PROGRESS
         )
 
+    def _lock_own(self, alias: str, claim: ClaimRequest) -> bool:
+        """Lock the claim we have just inserted; ``False`` if it is no longer ours.
+
+        A duplicate may have locked and taken over our committed claim before we locked it:
+        then :meth:`_take` reads what it left. Cheaper than :meth:`_take`: no model to load.
+        """
+        rows = self._owned(claim, alias).select_for_update(nowait=True).order_by()
+        return bool(list(rows.values_list("pk", flat=True)[:1]))
+
     def _insert(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         """``INSERT`` the claim unless the key exists; ``False`` if a row was there already."""
         row = IdempotencyKey(
@@ -273,7 +283,7 @@ class DatabaseStore:
         rows = self._rows(alias).filter(scope=claim.scope, key=claim.key)
         if connection.features.has_select_for_update_nowait:
             rows = rows.select_for_update(nowait=True)
-        row = rows.first()
+        row = next(iter(rows.order_by()[:1]), None)
         if row is None:
             # Deleted between our insert and our lock (a release or a purge): try again.
             raise KeyLocked(retry_after=0)
