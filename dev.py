@@ -27,8 +27,9 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 REQUIREMENTS = ROOT / "requirements"
-# Editable install with both extras: the demo and the full suite exercise DRF and django-redis.
-PACKAGE = f"{ROOT}[drf,redis]"
+# Editable install with the extras: the demo and the full suite exercise DRF, django-redis and
+# drf-spectacular.
+PACKAGE = f"{ROOT}[drf,redis,openapi]"
 # Names the env var that tells the suite (and this script) that every service must be there.
 REQUIRE_SERVICES = "IDEMPOTENCY_REQUIRE_SERVICES"
 MINIMUM_PYTHON = (3, 10)

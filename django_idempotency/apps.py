@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 from django.utils.translation import gettext_lazy as _
 
 
@@ -15,3 +15,6 @@ class DjangoIdempotencyConfig(AppConfig):
         from django_idempotency import checks
 
         checks.register()
+        if apps.is_installed("drf_spectacular"):
+            # Registers the OpenAPI view extension (drf-spectacular's documented place for it).
+            from django_idempotency import openapi  # noqa: F401

@@ -35,8 +35,18 @@ _PRIVATE_CACHES = frozenset(
 _REDIS_CACHE = "django_redis.cache.RedisCache"
 
 
+_MIDDLEWARE = "django_idempotency.middleware.IdempotencyMiddleware"
+# What must run before IdempotencyMiddleware.process_view: the user its scope is made of, and
+# the CSRF check, which a replay returned from process_view would otherwise skip.
+_MIDDLEWARE_BEFORE = (
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+)
+
+
 def register() -> None:
     checks.register(check_settings)
+    checks.register(check_middleware)
     checks.register(check_store_cache, checks.Tags.caches)
     checks.register(check_replay_cache, checks.Tags.caches)
     checks.register(check_database, checks.Tags.database)
@@ -93,7 +103,73 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
             "django_idempotency.E013",
             minimum=1,
         ),
+        *_check_middleware_paths(),
     ]
+
+
+def _check_middleware_paths() -> CheckMessages:
+    # Read as written: conf turns the value into a tuple (a str would become its letters).
+    value = getattr(settings, "IDEMPOTENCY_MIDDLEWARE_PATHS", ())
+    problem = None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        problem = f"must be a list or tuple of regular expressions, not {_describe(value)}."
+    else:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problem = f"holds {pattern!r}, which is not a regular expression: {exc}."
+                break
+    if problem is None:
+        return []
+    return [
+        _error(
+            "IDEMPOTENCY_MIDDLEWARE_PATHS",
+            problem,
+            "django_idempotency.E018",
+            hint='For example [r"^/api/", r"^/checkout/pay/$"], searched in request.path_info.',
+        )
+    ]
+
+
+def check_middleware(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """``IdempotencyMiddleware`` has paths to cover, and runs after what it depends on."""
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    paths = getattr(settings, "IDEMPOTENCY_MIDDLEWARE_PATHS", ())
+    if _MIDDLEWARE not in middleware:
+        if not paths:
+            return []
+        return [
+            checks.Warning(
+                "IDEMPOTENCY_MIDDLEWARE_PATHS is set, but IdempotencyMiddleware is not in "
+                "MIDDLEWARE, so it covers nothing.",
+                hint=f"Add {_MIDDLEWARE!r} to MIDDLEWARE, after AuthenticationMiddleware.",
+                id="django_idempotency.W008",
+            )
+        ]
+    messages: CheckMessages = []
+    if not paths:
+        messages.append(
+            checks.Warning(
+                "IdempotencyMiddleware is in MIDDLEWARE, but IDEMPOTENCY_MIDDLEWARE_PATHS is "
+                "empty, so it covers nothing.",
+                hint='List the paths to cover, for example [r"^/api/"].',
+                id="django_idempotency.W006",
+            )
+        )
+    position = middleware.index(_MIDDLEWARE)
+    later = [name for name in _MIDDLEWARE_BEFORE if name in middleware[position:]]
+    if later:
+        messages.append(
+            checks.Warning(
+                f"IdempotencyMiddleware comes before {' and '.join(later)} in MIDDLEWARE: "
+                "keys would be scoped before the user is known, and replays would skip the "
+                "CSRF check.",
+                hint="Move IdempotencyMiddleware after them; last in MIDDLEWARE is safest.",
+                id="django_idempotency.W007",
+            )
+        )
+    return messages
 
 
 def _check_header() -> CheckMessages:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,10 @@ class Settings:
     def IDEMPOTENCY_PURGE_BATCH_SIZE(self) -> int:
         return getattr(settings, "IDEMPOTENCY_PURGE_BATCH_SIZE", 1000)
 
+    @property
+    def IDEMPOTENCY_MIDDLEWARE_PATHS(self) -> tuple[str, ...]:
+        return tuple(getattr(settings, "IDEMPOTENCY_MIDDLEWARE_PATHS", ()))
+
 
 conf = Settings()
 
@@ -114,10 +119,17 @@ def get_fingerprint_function() -> Callable[[HttpRequest], str]:
     return function
 
 
-_CACHED = {
+@functools.cache
+def get_middleware_patterns() -> tuple[re.Pattern[str], ...]:
+    """``IDEMPOTENCY_MIDDLEWARE_PATHS``, compiled once."""
+    return tuple(re.compile(pattern) for pattern in conf.IDEMPOTENCY_MIDDLEWARE_PATHS)
+
+
+_CACHED: dict[str, Any] = {
     "IDEMPOTENCY_STORE": get_store,
     "IDEMPOTENCY_SCOPE": get_scope_function,
     "IDEMPOTENCY_FINGERPRINT": get_fingerprint_function,
+    "IDEMPOTENCY_MIDDLEWARE_PATHS": get_middleware_patterns,
 }
 
 

@@ -92,6 +92,7 @@ def idempotent(
                     raise
                 return await sync_to_async(execution.finish)(request, response)
 
+            _view_wrapper.idempotency_options = options  # type: ignore[attr-defined]
             return _view_wrapper
 
         @wraps(view_func)  # type: ignore[no-redef]
@@ -106,6 +107,9 @@ def idempotent(
                 response = view_func(request, *args, **kwargs)
                 return execution.finish(request, response)
 
+        # How IdempotencyMiddleware (and a decorator wrapping this one with functools.wraps,
+        # which copies it) tells that the view is protected already, and how.
+        _view_wrapper.idempotency_options = options  # type: ignore[attr-defined]
         return _view_wrapper
 
     if view_func is not None:

@@ -27,6 +27,10 @@ INSTALLED_APPS = [
 # The tox "minimal" env runs the suite without DRF: its tests and views are left out there.
 if find_spec("rest_framework"):
     INSTALLED_APPS.insert(-2, "rest_framework")
+# drf-spectacular (the `openapi` extra) is optional too: tests/test_openapi.py skips without it.
+HAS_SPECTACULAR = bool(find_spec("rest_framework") and find_spec("drf_spectacular"))
+if HAS_SPECTACULAR:
+    INSTALLED_APPS.insert(-2, "drf_spectacular")
 
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -70,5 +74,7 @@ REST_FRAMEWORK = {
     ],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+if HAS_SPECTACULAR:
+    REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -155,6 +155,8 @@ BAD_SETTINGS = [
     ("IDEMPOTENCY_FAIL_OPEN", "no", "E017", "must be True or False, not 'no' (str)"),
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 0, "E013", "must be a positive integer, not 0 (int)"),
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1.5, "E013", "not 1.5 (float)"),
+    ("IDEMPOTENCY_MIDDLEWARE_PATHS", "^/api/", "E018", "not '^/api/' (str)"),
+    ("IDEMPOTENCY_MIDDLEWARE_PATHS", ["("], "E018", "which is not a regular expression"),
 ]
 
 
@@ -259,6 +261,7 @@ def test_every_check_id_in_the_source_is_tested():
     tested = (
         {check_id for _, _, check_id, _ in BAD_SETTINGS}
         | {"E012", "W001", "W002", "W003"}
+        | {"W006", "W007", "W008"}  # tests/test_middleware.py
         | {
             "E014",
             "E015",

@@ -49,6 +49,7 @@ SETTINGS = [
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000, 250, 250),
     ("IDEMPOTENCY_STORE_CACHE", "default", "idempotency", "idempotency"),
     ("IDEMPOTENCY_FAIL_OPEN", False, True, True),
+    ("IDEMPOTENCY_MIDDLEWARE_PATHS", (), [r"^/api/"], (r"^/api/",)),
 ]
 
 

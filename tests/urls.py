@@ -35,6 +35,8 @@ def _patterns(base: str, make_view, **options):
 
 urlpatterns = [
     path("plain/", views.plain_charge),
+    path("plain/again/", views.plain_charge),
+    path("plain/async/", views.plain_async_charge),
     path("sync/wait/", views.sync_charge_wait),
     path("race/", include("tests.race_urls")),
     *_patterns("sync/lease/", views.sync_view, atomic=False),

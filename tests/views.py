@@ -110,6 +110,11 @@ def plain_charge(request):
     return _charge(request)
 
 
+async def plain_async_charge(request):
+    """An unprotected async view (``IdempotencyMiddleware`` protects it under ASGI)."""
+    return await sync_to_async(_charge)(request)
+
+
 def sync_view(**options: Any):
     """A sync function view under ``@idempotent(**options)``."""
 

@@ -29,6 +29,12 @@ INSTALLED_APPS = [
     "django_idempotency",
     "shop",
 ]
+try:
+    import drf_spectacular  # noqa: F401
+except ImportError:  # optional: the OpenAPI schema at /api/schema/ needs it
+    pass
+else:
+    INSTALLED_APPS.append("drf_spectacular")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -98,6 +104,10 @@ else:
     DATABASES = {"default": dj_database_url.parse(_database_url)}
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A test run's database: a file, as threads racing one key need (an in-memory database
+    # locks whole tables across threads).
+    if sqlite_test_file := os.environ.get("SQLITE_TEST_FILE"):
+        DATABASES["default"]["TEST"] = {"NAME": sqlite_test_file}
     DATABASES["default"]["OPTIONS"] = {
         **DATABASES["default"].get("OPTIONS", {}),
         # SQLite has no row locks, so concurrent requests for one idempotency key serialise
@@ -151,6 +161,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
 }
+if "drf_spectacular" in INSTALLED_APPS:
+    REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
+    SPECTACULAR_SETTINGS = {"TITLE": "django-idempotency demo shop", "VERSION": "1.0.0"}
 
 # django-idempotency: the defaults, spelled out so the demo shows where they live.
 IDEMPOTENCY_HEADER = "Idempotency-Key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.apps import apps
 from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
@@ -12,3 +13,9 @@ urlpatterns = [
     path("api/", include("shop.urls")),
     path("api-auth/", include("rest_framework.urls")),
 ]
+
+if apps.is_installed("drf_spectacular"):
+    from drf_spectacular.views import SpectacularAPIView
+
+    # The OpenAPI schema; protected operations document Idempotency-Key by themselves.
+    urlpatterns.append(path("api/schema/", SpectacularAPIView.as_view(), name="schema"))

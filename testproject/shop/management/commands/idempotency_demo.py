@@ -244,8 +244,8 @@ class Command(BaseCommand):
 
     def heading(self, text: str) -> None:
         self.stdout.write("")
-        self.stdout.write(text)
-        self.stdout.write("-" * len(text))
+        self.stdout.write(self.style.MIGRATE_HEADING(text))
+        self.stdout.write(self.style.MIGRATE_HEADING("-" * len(text)))
 
     def show_request(
         self,
@@ -257,7 +257,7 @@ class Command(BaseCommand):
         body: bytes | None = None,
         note: str = "",
     ) -> None:
-        self.stdout.write(f"  -> {method} {path}{note}")
+        self.stdout.write(self.style.HTTP_INFO(f"  -> {method} {path}{note}"))
         if who is not None:
             self.stdout.write(f"     Authorization: Token {who.token[:8]}... ({who.name})")
         if key is not None:
@@ -266,7 +266,10 @@ class Command(BaseCommand):
             self.stdout.write(f"     {body.decode()}")
 
     def show_reply(self, reply: Reply) -> None:
-        self.stdout.write(f"  <- {_reason(reply.status)}   ({reply.seconds:.2f} s)")
+        self.stdout.write(
+            self._status_style(reply.status)(f"  <- {_reason(reply.status)}")
+            + f"   ({reply.seconds:.2f} s)"
+        )
         for name in SHOWN_HEADERS:
             if (value := reply.header(name)) is not None:
                 self.stdout.write(f"     {name}: {value}")
@@ -274,6 +277,14 @@ class Command(BaseCommand):
         if len(text) > 600:
             text = text[:600] + f"... ({len(reply.body)} bytes)"
         self.stdout.write(f"     {text}")
+
+    def _status_style(self, status: int) -> Any:
+        """Green for 2xx, yellow for 4xx, red for 5xx; plain when stdout is not a terminal."""
+        if status >= 500:
+            return self.style.ERROR
+        if status >= 400:
+            return self.style.WARNING
+        return self.style.SUCCESS
 
     def call(
         self,
@@ -294,10 +305,10 @@ class Command(BaseCommand):
     def expect(self, condition: bool, description: str) -> bool:
         self.outcome.checks += 1
         if condition:
-            self.stdout.write(f"  ok: {description}")
+            self.stdout.write(self.style.SUCCESS(f"  ok: {description}"))
         else:
             self.outcome.failures.append(description)
-            self.stdout.write(f"  FAILED: {description}")
+            self.stdout.write(self.style.ERROR(f"  FAILED: {description}"))
         return condition
 
     def require(self, condition: bool, description: str) -> None:
@@ -334,8 +345,8 @@ class Command(BaseCommand):
         if database.get("HOST"):
             where = f"{database['NAME']} on {database['HOST']}:{database.get('PORT') or '-'}"
         title = "django-idempotency demo"
-        self.stdout.write(title)
-        self.stdout.write("=" * len(title))
+        self.stdout.write(self.style.MIGRATE_HEADING(title))
+        self.stdout.write(self.style.MIGRATE_HEADING("=" * len(title)))
         self.stdout.write(f"Database: {connection.display_name} ({where})")
         self.stdout.write(f"Store:    {conf.IDEMPOTENCY_STORE}")
         if not connection.features.has_select_for_update:

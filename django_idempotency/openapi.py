@@ -1,0 +1,249 @@
+"""OpenAPI through drf-spectacular: protected operations document the key and its answers.
+
+Imported by the app's ``ready()`` when ``drf_spectacular`` is in ``INSTALLED_APPS``, which
+registers :class:`IdempotencyViewExtension`; nothing else imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiViewExtension
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.plumbing import ComponentRegistry, ResolvedComponent
+
+from django_idempotency import exceptions
+from django_idempotency.conf import conf
+from django_idempotency.core import MAX_KEY_LENGTH, REPLAYED_HEADER, Options
+from django_idempotency.middleware import class_options
+
+__all__ = ["IdempotencyViewExtension", "document_operation"]
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_COMPONENT = "IdempotencyProblem"
+CODE_COMPONENT = "IdempotencyProblemCode"
+_STORED_SCHEMA = "_idempotency_schema"
+
+
+def _errors_by_status() -> dict[int, list[type[exceptions.IdempotencyError]]]:
+    found: dict[int, list[type[exceptions.IdempotencyError]]] = {}
+    for _, cls in inspect.getmembers(exceptions, inspect.isclass):
+        if issubclass(cls, exceptions.IdempotencyError) and cls is not exceptions.IdempotencyError:
+            found.setdefault(cls.status_code, []).append(cls)
+    return {status: sorted(found[status], key=lambda cls: cls.default_code) for status in found}
+
+
+_SUMMARIES = {
+    400: "The Idempotency-Key header is missing or malformed, or the body cannot be read.",
+    409: "A request with this key is still running (retry after Retry-After), or its "
+    "response was not stored.",
+    422: "This key was already used for a different request.",
+    503: "The idempotency store is unreachable: nothing ran (retry after Retry-After).",
+}
+
+
+def _code_schema() -> dict[str, Any]:
+    codes = sorted(cls.default_code for classes in _errors_by_status().values() for cls in classes)
+    # A component of its own: drf-spectacular's enum hook would otherwise pull the enum out of
+    # the property into a "CodeEnum", mixing it with a project's own "code" fields.
+    return {"type": "string", "enum": codes, "description": "A stable code: branch on it."}
+
+
+def _problem_schema(code_ref: dict[str, str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "An RFC 9457 problem details object answered by django-idempotency.",
+        "properties": {
+            "type": {"type": "string", "description": "A URI naming the problem."},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string", "description": "What to do next."},
+            "code": code_ref,
+            "original_status": {
+                "type": "integer",
+                "description": "Only for idempotency_response_not_stored: the status of the "
+                "response that was sent and not stored.",
+            },
+        },
+        "required": ["type", "title", "status", "detail", "code"],
+    }
+
+
+def _key_parameter(required: bool) -> dict[str, Any]:
+    return {
+        "name": conf.IDEMPOTENCY_HEADER,
+        "in": "header",
+        "required": required,
+        "description": (
+            "A unique value, such as a UUID, chosen by the client for this operation and "
+            "sent again unchanged with every retry of it: the operation runs once, and each "
+            "retry gets the first response again, marked Idempotent-Replayed: true. 1 to "
+            f"{MAX_KEY_LENGTH} printable ASCII characters, sent bare (abc) or as a "
+            'Structured Field string ("abc"). Reusing a key for a different request is '
+            "answered 422."
+        ),
+        "schema": {"type": "string", "minLength": 1, "pattern": "^[\\x20-\\x7E]+$"},
+        "example": "5f0c6a8e-3b1d-4c2e-9a7f-2d4b8c1e6f30",
+    }
+
+
+def _replayed_header() -> dict[str, Any]:
+    return {
+        "description": "true when this response is the stored answer to an earlier request "
+        "with the same Idempotency-Key; absent otherwise.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+
+
+def document_operation(
+    operation: dict[str, Any], registry: ComponentRegistry, options: Options
+) -> None:
+    """Add the key header, the replay header and the problem responses to ``operation``."""
+    required = conf.IDEMPOTENCY_REQUIRED if options.required is None else options.required
+    parameters = operation.setdefault("parameters", [])
+    name = conf.IDEMPOTENCY_HEADER.lower()
+    parameters[:] = [
+        parameter
+        for parameter in parameters
+        if not (parameter.get("in") == "header" and parameter.get("name", "").lower() == name)
+    ]
+    parameters.append(_key_parameter(required))
+
+    responses = operation.setdefault("responses", {})
+    store_server_errors = conf.IDEMPOTENCY_STORE_SERVER_ERRORS
+    for status, response in responses.items():
+        if not str(status).isdigit() or (int(status) >= 500 and not store_server_errors):
+            continue
+        response.setdefault("headers", {})[REPLAYED_HEADER] = _replayed_header()
+
+    code = ResolvedComponent(  # type: ignore[no-untyped-call]
+        name=CODE_COMPONENT,
+        type=ResolvedComponent.SCHEMA,
+        schema=_code_schema(),
+        object=CODE_COMPONENT,
+    )
+    registry.register_on_missing(code)
+    component = ResolvedComponent(  # type: ignore[no-untyped-call]
+        name=PROBLEM_COMPONENT,
+        type=ResolvedComponent.SCHEMA,
+        schema=_problem_schema(code.ref),
+        object=PROBLEM_COMPONENT,
+    )
+    registry.register_on_missing(component)
+    for status, classes in sorted(_errors_by_status().items()):
+        codes = [
+            cls.default_code
+            for cls in classes
+            if required or cls is not exceptions.IdempotencyKeyMissing
+        ]
+        description = f"{_SUMMARIES.get(status, '')} Codes: {', '.join(codes)}.".strip()
+        response = responses.setdefault(str(status), {"description": description})
+        response.setdefault("content", {}).setdefault(PROBLEM_MEDIA_TYPE, {"schema": component.ref})
+        if status in (409, 503):
+            response.setdefault("headers", {})["Retry-After"] = {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer"},
+            }
+
+
+class IdempotentSchema:
+    """Mixed into a protected view's own ``AutoSchema`` class by the extension below."""
+
+    def get_operation(self, *args: Any, **kwargs: Any) -> Any:
+        operation = super().get_operation(*args, **kwargs)  # type: ignore[misc]
+        view: Any = self.view  # type: ignore[attr-defined]
+        method: str = self.method  # type: ignore[attr-defined]
+        if operation is None:
+            return None
+        handler = getattr(view, "action", None) or method.lower()
+        options = class_options(type(view), handler)
+        if options is not None and method in options.covered_methods:
+            document_operation(operation, self.registry, options)  # type: ignore[attr-defined]
+        return operation
+
+
+@functools.cache
+def _schema_class(schema_class: type[Any]) -> type[Any]:
+    return type(schema_class.__name__, (IdempotentSchema, schema_class), {})
+
+
+def _wrap(schema: Any, view: Any) -> Any:
+    """``schema`` (maybe a weak proxy, as drf-spectacular sets it) as an ``IdempotentSchema``."""
+    schema_class: Any = schema.__class__
+    if not (isinstance(schema_class, type) and issubclass(schema_class, AutoSchema)):
+        return schema  # not drf-spectacular's: leave it alone
+    wrapped = object.__new__(_schema_class(schema.__class__))
+    wrapped.__dict__.update(schema.__dict__)
+    wrapped.view = view
+    return wrapped
+
+
+class _SchemaDescriptor:
+    """The replacement view's ``schema``: the original one, wrapped.
+
+    A data descriptor, like DRF's own, so that drf-spectacular's ``view.schema = ...`` (for
+    ``@extend_schema`` on an action) is wrapped too.
+    """
+
+    def __init__(self, original: type[Any]) -> None:
+        self.original = original
+
+    def __get__(self, instance: Any, owner: type[Any]) -> Any:
+        if instance is None:
+            return self.original.schema
+        stored = instance.__dict__.get(_STORED_SCHEMA)
+        if stored is None:
+            stored = _wrap(self._original_schema(instance), instance)
+            instance.__dict__[_STORED_SCHEMA] = stored
+        return stored
+
+    def _original_schema(self, instance: Any) -> Any:
+        for klass in self.original.__mro__:
+            if "schema" in vars(klass):
+                schema = vars(klass)["schema"]
+                getter = getattr(type(schema), "__get__", None)
+                return schema if getter is None else getter(schema, instance, type(instance))
+        return None  # pragma: no cover - APIView always has one
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.__dict__[_STORED_SCHEMA] = _wrap(value, instance)
+
+
+@functools.cache
+def _replacement(view_class: type[Any]) -> type[Any]:
+    return type(
+        view_class.__name__,
+        (view_class,),
+        {
+            "schema": _SchemaDescriptor(view_class),
+            "__module__": view_class.__module__,
+            "__qualname__": view_class.__qualname__,
+            "__doc__": view_class.__doc__,
+        },
+    )
+
+
+def _protects_any(view_class: type[Any]) -> bool:
+    names = getattr(view_class, "http_method_names", ())
+    return any(class_options(view_class, name) is not None for name in names)
+
+
+class IdempotencyViewExtension(OpenApiViewExtension):  # type: ignore[no-untyped-call]
+    """Documents every DRF view protected by ``IdempotentMixin`` or ``@idempotent``.
+
+    Its priority is below the default, so a project's own view extension for a view wins
+    (and that view is then documented as the project's extension says).
+    """
+
+    target_class = "rest_framework.views.APIView"
+    match_subclasses = True
+    priority = -1
+
+    @classmethod
+    def _matches(cls, target: Any) -> bool:
+        return bool(super()._matches(target)) and _protects_any(target)
+
+    def view_replacement(self) -> Any:
+        return _replacement(self.target)
