@@ -21,6 +21,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.constants import OnConflict
 from django.db.models.functions import Now
 from django.db.models.sql.subqueries import InsertQuery
+from django.utils.duration import duration_microseconds
 
 from django_idempotency import replay_cache
 from django_idempotency.exceptions import StoreUnavailable
@@ -159,17 +160,27 @@ class DatabaseStore:
         if cached is not None:
             return cached
         alias = self._alias()
-        with _translate_errors():
-            # (scope, key) is unique: no ORDER BY, unlike first().
-            row = next(iter(self._rows(alias).filter(scope=scope, key=key).order_by()[:1]), None)
-        if row is None:
-            return None
-        record = _record(row)
+        connection = connections[alias]
+        with _translate_errors():  # the statements may need the server's version first
+            sql = _Sql.of(connection)
+            if sql is None:
+                # (scope, key) is unique: no ORDER BY, unlike first().
+                rows = self._rows(alias).filter(scope=scope, key=key).order_by()[:1]
+                row = next(iter(rows), None)
+                if row is None:
+                    return None
+                record, remaining = _record(row), row.expires_at - row.db_now
+            else:
+                with connection.cursor() as cursor:
+                    cursor.execute(sql.get, [scope, key])
+                    found = cursor.fetchone()
+                if found is None:
+                    return None
+                record, remaining = sql.record(found)
         if record.completed and record.live and replay_cache.enabled():
             # A miss (the cache was restarted, or evicted the copy): refill it for the rest
             # of the key's life, so the next replay needs no query again.
             assert record.response is not None
-            remaining = row.expires_at - row.db_now
             replay_cache.remember(scope, key, record.fingerprint, record.response, remaining)
         return record
 
@@ -206,16 +217,32 @@ class DatabaseStore:
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
         alias = self._alias()
+        connection = connections[alias]
+        headers = [list(header) for header in response.headers]
         with _translate_errors():
-            updated: int = self._owned(claim, alias).update(
-                state=COMPLETED,
-                response_status=response.status,
-                response_headers=[list(header) for header in response.headers],
-                response_body=response.body,
-                completed_at=Now(),
-                expires_at=Now() + claim.ttl,
-                locked_until=None,
-            )
+            sql = _Sql.of(connection)
+            if sql is None:
+                updated: int = self._owned(claim, alias).update(
+                    state=COMPLETED,
+                    response_status=response.status,
+                    response_headers=headers,
+                    response_body=response.body,
+                    completed_at=Now(),
+                    expires_at=Now() + claim.ttl,
+                    locked_until=None,
+                )
+            else:
+                params = [
+                    COMPLETED,
+                    response.status,
+                    _HEADERS.get_db_prep_save(headers, connection),
+                    _BODY.get_db_prep_save(response.body, connection),
+                    sql.duration(claim.ttl),
+                    *_owner(claim),
+                ]
+                with connection.cursor() as cursor:
+                    cursor.execute(sql.complete, params)
+                    updated = cursor.rowcount
         if updated == 1 and response.body is not None and replay_cache.enabled():
             # Only once the response is committed (in the atomic mode, with the view's writes).
             db_transaction.on_commit(
@@ -249,11 +276,37 @@ class DatabaseStore:
         A duplicate may have locked and taken over our committed claim before we locked it:
         then :meth:`_take` reads what it left. Cheaper than :meth:`_take`: no model to load.
         """
-        rows = self._owned(claim, alias).select_for_update(nowait=True).order_by()
-        return bool(list(rows.values_list("pk", flat=True)[:1]))
+        connection = connections[alias]
+        sql = _Sql.of(connection)
+        if sql is None:
+            rows = self._owned(claim, alias).select_for_update(nowait=True).order_by()
+            return bool(list(rows.values_list("pk", flat=True)[:1]))
+        with connection.cursor() as cursor:
+            cursor.execute(sql.lock_own, _owner(claim))
+            return cursor.fetchone() is not None
 
     def _insert(self, alias: str, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         """``INSERT`` the claim unless the key exists; ``False`` if a row was there already."""
+        connection = connections[alias]
+        sql = _Sql.of(connection)
+        if sql is not None:
+            params = [
+                claim.scope,
+                claim.key,
+                IN_PROGRESS,
+                claim.fingerprint,
+                claim.method,
+                claim.path,
+                claim.token,
+                sql.duration(claim.ttl),
+            ]
+            statement = sql.insert
+            if lease is not None:
+                statement = sql.insert_leased
+                params.append(sql.duration(lease))
+            with _bounded_lock_wait(connection), connection.cursor() as cursor:
+                cursor.execute(statement, params)
+                return bool(cursor.rowcount == 1)
         row = IdempotencyKey(
             scope=claim.scope,
             key=claim.key,
@@ -266,14 +319,12 @@ class DatabaseStore:
             expires_at=Now() + claim.ttl,
             locked_until=None if lease is None else Now() + lease,
         )
-        connection = connections[alias]
         query = InsertQuery(IdempotencyKey, on_conflict=OnConflict.IGNORE)
         fields = [f for f in IdempotencyKey._meta.concrete_fields if not f.primary_key]
         query.insert_values(fields, [row])
-        statements = query.get_compiler(using=alias).as_sql()
-        [(sql, params)] = statements
+        [(insert, params)] = query.get_compiler(using=alias).as_sql()
         with _bounded_lock_wait(connection), connection.cursor() as cursor:
-            cursor.execute(_no_wait_prefix(connection) + sql, params)
+            cursor.execute(_no_wait_prefix(connection) + insert, params)
             inserted: bool = cursor.rowcount == 1
             return inserted
 
@@ -308,6 +359,139 @@ class DatabaseStore:
             )
             return _owned_record(claim)
         return record
+
+
+_HEADERS = IdempotencyKey._meta.get_field("response_headers")
+_BODY = IdempotencyKey._meta.get_field("response_body")
+
+
+def _owner(claim: ClaimRequest) -> list[str]:
+    """The parameters of a fenced statement's ``WHERE``: the key, its owner and its state."""
+    return [claim.scope, claim.key, claim.token, IN_PROGRESS]
+
+
+_SQL_ATTRIBUTE = "_django_idempotency_sql"
+
+
+class _Sql:
+    """The store's hot statements, written once per connection, for PostgreSQL and MySQL.
+
+    Building them with the ORM costs more Python than the database spends running them. They
+    say what the ORM's queries say: the same columns, the same database clock (Django's
+    ``Now()``: ``STATEMENT_TIMESTAMP()``, ``CURRENT_TIMESTAMP(6)``), the same fencing on owner
+    token and state, ``ON CONFLICT DO NOTHING`` / ``INSERT IGNORE``. JSON and binary values
+    are adapted by the model's own fields. Other databases use the ORM.
+    """
+
+    @classmethod
+    def of(cls, connection: BaseDatabaseWrapper) -> _Sql | None:
+        """The statements for ``connection``, kept on it (one wrapper per alias and thread)."""
+        try:
+            sql: _Sql | None = connection.__dict__[_SQL_ATTRIBUTE]
+        except KeyError:
+            sql = cls(connection) if connection.vendor in ("postgresql", "mysql") else None
+            connection.__dict__[_SQL_ATTRIBUTE] = sql
+        return sql
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        opts = IdempotencyKey._meta
+        column = {field.name: str(field.column) for field in opts.concrete_fields}
+
+        def q(name: str) -> str:
+            return connection.ops.quote_name(column[name])
+
+        table = connection.ops.quote_name(opts.db_table)
+        self.mysql = mysql = connection.vendor == "mysql"
+        now = "CURRENT_TIMESTAMP(6)" if mysql else "STATEMENT_TIMESTAMP()"
+        later = f"{now} + INTERVAL %s MICROSECOND" if mysql else f"{now} + %s"
+
+        def seconds_until(column: str) -> str:
+            if mysql:  # whole microseconds: a division would round to its own scale
+                return f"TIMESTAMPDIFF(MICROSECOND, {now}, {q(column)})"
+            return f"EXTRACT(EPOCH FROM {q(column)} - {now})"
+
+        key = f"{q('scope')} = %s AND {q('key')} = %s"
+        owned = f"{key} AND {q('owner_token')} = %s AND {q('state')} = %s"
+        columns = ", ".join(
+            q(name)
+            for name in (
+                "fingerprint",
+                "state",
+                "owner_token",
+                "response_status",
+                "response_headers",
+                "response_body",
+            )
+        )
+        self.get = (
+            f"SELECT {columns}, {seconds_until('expires_at')}, {seconds_until('locked_until')} "
+            f"FROM {table} WHERE {key}"
+        )
+        nowait = " NOWAIT" if connection.features.has_select_for_update_nowait else ""
+        self.lock_own = f"SELECT 1 FROM {table} WHERE {owned} FOR UPDATE{nowait}"
+        inserted = ", ".join(
+            q(name)
+            for name in (
+                "scope",
+                "key",
+                "state",
+                "fingerprint",
+                "method",
+                "path",
+                "owner_token",
+                "response_headers",
+                "created_at",
+                "expires_at",
+                "locked_until",
+            )
+        )
+        values = f"%s, %s, %s, %s, %s, %s, %s, '[]', {now}, {later}"
+        if mysql:
+            prefix = _no_wait_prefix(connection) + "INSERT IGNORE INTO"
+            self.insert = f"{prefix} {table} ({inserted}) VALUES ({values}, NULL)"
+            self.insert_leased = f"{prefix} {table} ({inserted}) VALUES ({values}, {later})"
+        else:
+            end = "ON CONFLICT DO NOTHING"
+            self.insert = f"INSERT INTO {table} ({inserted}) VALUES ({values}, NULL) {end}"
+            self.insert_leased = (
+                f"INSERT INTO {table} ({inserted}) VALUES ({values}, {later}) {end}"
+            )
+        self.complete = (
+            f"UPDATE {table} SET {q('state')} = %s, {q('response_status')} = %s, "
+            f"{q('response_headers')} = %s, {q('response_body')} = %s, "
+            f"{q('completed_at')} = {now}, {q('expires_at')} = {later}, "
+            f"{q('locked_until')} = NULL WHERE {owned}"
+        )
+
+    def duration(self, value: timedelta) -> Any:
+        """A duration as the ``+`` of :attr:`insert` and :attr:`complete` takes it."""
+        return duration_microseconds(value) if self.mysql else value
+
+    def record(self, row: tuple[Any, ...]) -> tuple[Record, timedelta]:
+        """The :class:`Record` of a row of :attr:`get`, and the time left until it expires."""
+        fingerprint, state, token, status, headers, body, expires_in, lease = row
+        response = None
+        if state == COMPLETED and status is not None:
+            # JSON comes back as text: Django asks both drivers not to decode it.
+            response = StoredResponse(
+                status=status,
+                headers=[(name, value) for name, value in json.loads(headers)],
+                body=None if body is None else bytes(body),
+            )
+        unit = 1_000_000 if self.mysql else 1  # TIMESTAMPDIFF's microseconds, or seconds
+        expires_in = float(expires_in) / unit
+        lease_remaining = None
+        if state == IN_PROGRESS and lease is not None:
+            lease_remaining = float(lease) / unit
+        record = Record(
+            fingerprint=fingerprint,
+            state=state,
+            owner_token=token,
+            response=response,
+            live=expires_in > 0,
+            lease_remaining=lease_remaining,
+        )
+        return record, timedelta(seconds=expires_in)
 
 
 def _owned_record(claim: ClaimRequest) -> Record:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import pytest
+from django.db import connection, connections
+from django.db.models.functions import Now
 from django.http import JsonResponse
 from django.test import RequestFactory
 
 from django_idempotency.conf import get_store
 from django_idempotency.core import Execution
 from django_idempotency.decorators import idempotent
+from django_idempotency.exceptions import StoreUnavailable
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import ClaimRequest, DatabaseStore
+from django_idempotency.stores import ClaimRequest, DatabaseStore, StoredResponse, _record
 from tests.conftest import OFFLINE_ALIAS
 from tests.models import Charge
 
@@ -162,3 +166,109 @@ def test_execution_outside_a_covered_request_does_nothing():
     response = JsonResponse({})
     assert execution.finish(request, response) is response
     assert IdempotencyKey.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "expires_in", "lease"),
+    [
+        pytest.param(IdempotencyKey.State.COMPLETED, timedelta(hours=1), None, id="completed"),
+        pytest.param(IdempotencyKey.State.COMPLETED, -timedelta(seconds=5), None, id="expired"),
+        pytest.param(IdempotencyKey.State.IN_PROGRESS, timedelta(hours=1), None, id="atomic"),
+        pytest.param(
+            IdempotencyKey.State.IN_PROGRESS, timedelta(hours=1), timedelta(seconds=20), id="lease"
+        ),
+        pytest.param(
+            IdempotencyKey.State.IN_PROGRESS, timedelta(hours=1), -timedelta(seconds=3), id="late"
+        ),
+    ],
+)
+def test_store_reads_a_record_as_the_orm_does(state, expires_in, lease):
+    """PostgreSQL and MySQL read keys with plain SQL: the record must be the ORM's."""
+    completed = state == IdempotencyKey.State.COMPLETED
+    IdempotencyKey.objects.create(
+        scope="user:1",
+        key="k-1",
+        state=state,
+        fingerprint="f" * 64,
+        method="POST",
+        path="/charges/",
+        owner_token="t" * 32,
+        response_status=201 if completed else None,
+        response_headers=[["Content-Type", "application/json"], ["X-Ünïcode", "é"]],
+        response_body=b'{"id": 1}\x00\xff' if completed else None,
+        expires_at=Now() + expires_in,
+        locked_until=None if lease is None else Now() + lease,
+    )
+    row = IdempotencyKey.objects.annotate(db_now=Now()).get()
+    expected = _record(row)
+
+    record = DatabaseStore().get(scope="user:1", key="k-1")
+
+    assert record is not None
+    assert record.response == expected.response
+    assert (record.fingerprint, record.state, record.owner_token, record.live) == (
+        expected.fingerprint,
+        expected.state,
+        expected.owner_token,
+        expected.live,
+    )
+    if lease is None or completed:
+        assert record.lease_remaining is expected.lease_remaining is None
+    else:  # read a moment apart, on the database clock
+        assert record.lease_remaining == pytest.approx(expected.lease_remaining, abs=0.5)
+
+
+def test_heartbeat_scheduler_drops_heartbeats_that_stopped_before_they_started():
+    from types import SimpleNamespace
+
+    from django_idempotency.core import _Scheduler
+
+    scheduler = _Scheduler()
+    far = time.monotonic() + 3600
+    finished = [SimpleNamespace(stopped=True) for _ in range(1001)]
+    running = SimpleNamespace(stopped=False)
+    scheduler.add(far, running)
+    for heartbeat in finished:
+        scheduler.add(far, heartbeat)
+
+    for _ in finished:
+        scheduler.forget()
+
+    assert [entry[2] for entry in scheduler._queue] == [running]
+
+
+@pytest.fixture
+def unreachable_server_store():
+    """A store on this database's vendor, at a port where no server listens."""
+    if connection.vendor not in ("postgresql", "mysql"):
+        pytest.skip("the plain-SQL statements are PostgreSQL's and MySQL's")
+    settings_dict = {**connection.settings_dict, "HOST": "127.0.0.1", "PORT": "9"}
+    settings_dict["OPTIONS"] = {**settings_dict.get("OPTIONS", {}), "connect_timeout": 2}
+    alias = "unreachable-server"
+    wrapper = type(connections["default"])(settings_dict, alias)
+    connections[alias] = wrapper
+    store = DatabaseStore()
+    store.using = alias
+    yield store
+    wrapper.close()
+    del connections[alias]
+
+
+def test_unreachable_server_is_a_store_failure_from_every_statement(unreachable_server_store):
+    store = unreachable_server_store
+    claim = ClaimRequest(
+        scope="user:1",
+        key="k-1",
+        fingerprint="f" * 64,
+        method="POST",
+        path="/charges/",
+        token="t" * 32,
+        ttl=timedelta(hours=1),
+    )
+
+    with pytest.raises(StoreUnavailable):
+        store.get(scope="user:1", key="k-1")
+    with pytest.raises(StoreUnavailable):
+        store.complete(claim, StoredResponse(status=201, headers=[], body=b"{}"))
+    with pytest.raises(StoreUnavailable), store.lock(claim):
+        pass
