@@ -31,6 +31,7 @@ from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.multipartparser import MultiPartParserError
 from django.http.response import HttpResponseBase
 
+from django_idempotency import signals
 from django_idempotency.conf import conf, get_fingerprint_function, get_scope_function, get_store
 from django_idempotency.exceptions import (
     IdempotencyError,
@@ -309,6 +310,10 @@ class Execution:
         self._heartbeat: _Heartbeat | None = None
         self._failed = False
         self._done = False
+        self._request: Any = None
+        self._stored: StoredResponse | None = None
+        #: Set when the claim replaced another request's record: "expired" or "abandoned".
+        self._taken_over: str | None = None
 
     # Context manager: the sync adapters' way in and out.
 
@@ -350,10 +355,13 @@ class Execution:
         )
         store = get_store()
         atomic = self._atomic_mode(store)
+        self._request = request
         try:
-            return self._claim_or_replay(store, claim, atomic=atomic)
+            replay = self._claim_or_replay(store, claim, atomic=atomic)
         except StoreUnavailable:
-            if not conf.IDEMPOTENCY_FAIL_OPEN:
+            fail_open = conf.IDEMPOTENCY_FAIL_OPEN
+            signals.send("store_unavailable", store, request, claim.scope, key, fail_open=fail_open)
+            if not fail_open:
                 raise
             # IDEMPOTENCY_FAIL_OPEN: the project chose availability over protection.
             logger.warning(
@@ -363,6 +371,22 @@ class Execution:
                 exc_info=True,
             )
             return None
+        except IdempotencyKeyInProgress:
+            signals.send("key_in_progress", store, request, claim.scope, key)
+            raise
+        except IdempotencyKeyMismatch:
+            signals.send("key_mismatch", store, request, claim.scope, key)
+            raise
+        if replay is not None:
+            status = replay.status_code
+            signals.send("response_replayed", store, request, claim.scope, key, status=status)
+            return replay
+        if self._taken_over is not None:
+            reason = self._taken_over
+            signals.send("key_taken_over", store, request, claim.scope, key, reason=reason)
+        mode = "lease" if self._transaction is None else "atomic"
+        signals.send("key_claimed", store, request, claim.scope, key, mode=mode)
+        return None
 
     def _claim_or_replay(
         self, store: Store, claim: ClaimRequest, *, atomic: bool
@@ -443,7 +467,8 @@ class Execution:
     def _claim_once(
         self, store: Store, claim: ClaimRequest, *, atomic: bool
     ) -> HttpResponse | None:
-        record = store.get(scope=claim.scope, key=claim.key)
+        self._taken_over = None
+        record = previous = store.get(scope=claim.scope, key=claim.key)
         if record is not None and record.live:
             if record.completed:
                 return _replay(record, claim)
@@ -455,6 +480,9 @@ class Execution:
                 if record.lease_remaining > 0:
                     raise KeyLocked()
         insert = record is None
+        if previous is not None and previous.owner_token != claim.token:
+            # What the claim replaces, should it succeed.
+            self._taken_over = "abandoned" if previous.live else "expired"
         if not atomic:
             record = store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert)
             return _decide(record, claim)
@@ -477,7 +505,9 @@ class Execution:
         assert self._store is not None
         if self._heartbeat is not None:
             self._heartbeat.stop()
-        if not self._store.complete(self._claim, stored):
+        if self._store.complete(self._claim, stored):
+            self._stored = stored
+        else:
             # Only in the lease mode: our lease passed and another request took the key over
             # (the heartbeat failed to renew it). Its record stands; ours is not written.
             logger.warning(
@@ -499,6 +529,18 @@ class Execution:
                 transaction.close()
             else:
                 transaction.__exit__(type(exc), exc, exc.__traceback__)
+        stored, self._stored = self._stored, None
+        if stored is not None and not self._failed and self._claim is not None:
+            # Sent once committed: in the atomic mode, with the view's writes.
+            signals.send(
+                "response_stored",
+                self._store,
+                self._request,
+                self._claim.scope,
+                self._claim.key,
+                status=stored.status,
+                replayable=stored.body is not None,
+            )
         if self._failed and self._claim is not None and self._store is not None:
             try:
                 self._store.release(self._claim)
