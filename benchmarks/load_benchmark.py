@@ -3,7 +3,7 @@
 
     .venv/bin/pip install -r requirements/benchmarks.txt    # once: gunicorn, matplotlib, ...
     apt-get install -y wrk                                   # once: the load generator
-    .venv/bin/python benchmarks/load_benchmark.py            # the full run, about 10 minutes
+    .venv/bin/python benchmarks/load_benchmark.py            # the full run, about 8 minutes
     .venv/bin/python benchmarks/load_benchmark.py --quick    # a smoke test, under 2 minutes
     .venv/bin/python benchmarks/load_benchmark.py --database mariadb
 
