@@ -52,7 +52,8 @@ EVENTS: dict[str, tuple[Signal, int]] = {
     "response_replayed": (response_replayed, logging.DEBUG),
     "key_in_progress": (key_in_progress, logging.INFO),
     "key_mismatch": (key_mismatch, logging.INFO),
-    "store_unavailable": (store_unavailable, logging.WARNING),
+    # INFO: a 503 is the client's to retry, and failing open logs its own WARNING.
+    "store_unavailable": (store_unavailable, logging.INFO),
 }
 
 
