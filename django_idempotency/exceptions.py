@@ -17,7 +17,12 @@ class IdempotencyError(Exception):
     default_detail: Any = _("The request could not be processed idempotently.")
 
     def __init__(self, detail: Any = None, *, retry_after: float | None = None) -> None:
-        self.detail = detail if detail is not None else self.default_detail
+        if detail is None:
+            from django_idempotency.conf import conf
+
+            # The header's name as the project configured it (IDEMPOTENCY_HEADER).
+            detail = self.default_detail % {"header": conf.IDEMPOTENCY_HEADER}
+        self.detail = detail
         self.retry_after = retry_after
         super().__init__(str(self.detail))
 
@@ -43,7 +48,7 @@ class IdempotencyKeyMissing(IdempotencyError):
     default_code = "idempotency_key_missing"
     default_title = _("Idempotency key missing")
     default_detail = _(
-        "This endpoint requires an Idempotency-Key header. Send a unique value, "
+        "This endpoint requires an %(header)s header. Send a unique value, "
         "such as a UUID, and reuse it when you retry the same request."
     )
 
@@ -53,7 +58,7 @@ class IdempotencyKeyInvalid(IdempotencyError):
     default_code = "idempotency_key_invalid"
     default_title = _("Idempotency key invalid")
     default_detail = _(
-        "The Idempotency-Key header must be a single value of 1 to 255 printable ASCII "
+        "The %(header)s header must be a single value of 1 to 255 printable ASCII "
         'characters, sent bare (abc) or as a quoted string ("abc").'
     )
 

@@ -326,7 +326,8 @@ def test_error_response_is_an_rfc_9457_problem(error, status, code):
     assert body["code"] == code
     assert body["type"].endswith(code)
     assert body["title"]
-    assert body["detail"] == str(error.default_detail)
+    assert body["detail"] == str(error.detail)
+    assert "%(" not in body["detail"]
     assert not response.has_header("Idempotent-Replayed")
 
 

@@ -220,6 +220,19 @@ def test_header_setting_names_the_header_that_carries_the_key(client, url, runs,
     assert store.count() == 1
 
 
+def test_errors_about_the_header_name_the_configured_header(client, url, runs, settings):
+    settings.IDEMPOTENCY_HEADER = "X-Request-Key"
+
+    missing = send(client, f"{url}required/", key=None)
+    invalid = send(client, url, key=None, **{"X-Request-Key": ""})
+
+    assert json.loads(missing.content)["detail"].startswith(
+        "This endpoint requires an X-Request-Key header."
+    )
+    assert json.loads(invalid.content)["detail"].startswith("The X-Request-Key header must be")
+    assert runs == []
+
+
 # -- New key and replay ---------------------------------------------------------------------
 
 
