@@ -51,13 +51,21 @@ class Server:
     worker that runs them; the master then forks a new worker, as in production.
     """
 
-    def __init__(self, directory: Path, *, workers: int = 2, **env: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        workers: int = 2,
+        settings: str = "tests.reliability_settings",
+        timeout: int = 120,
+        **env: str,
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.log = directory / f"gunicorn-{self.port}.log"
         full_env = {
             **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.reliability_settings",
+            "DJANGO_SETTINGS_MODULE": settings,
             "RELIABILITY_HOLD_DIR": str(directory),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             **env,
@@ -69,7 +77,7 @@ class Server:
             *("--workers", str(workers), "--worker-class", "sync"),
             "--preload",
             # A held view sleeps until killed: gunicorn's own timeout must not kill it first.
-            *("--timeout", "120", "--graceful-timeout", "2"),
+            *("--timeout", str(timeout), "--graceful-timeout", "2"),
             *("--chdir", str(ROOT)),
             "django.core.wsgi:get_wsgi_application()",
         ]

@@ -11,14 +11,8 @@ either, so a Redis counter works the same on every database the suite runs on.
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -27,16 +21,15 @@ from typing import Any
 
 import pytest
 from django.core.cache.backends.base import default_key_func
-from django.utils.datastructures import CaseInsensitiveMapping
 
 from tests.redis_support import (
     Answer,
     assert_in_progress,
     assert_replay_of,
     delete_keys,
-    free_port,
     new_prefix,
 )
+from tests.reliability_support import Server
 
 pytestmark = pytest.mark.redis
 
@@ -47,89 +40,28 @@ VIEW_SECONDS = 1.0
 TIMEOUT = 15  # seconds: for gunicorn to start or stop, and for each request
 
 
-class Gunicorn:
-    """A gunicorn serving the test app on 127.0.0.1 with sync worker processes."""
+class Gunicorn(Server):
+    """The reliability suite's gunicorn, serving ``tests.gunicorn_views`` with its Redis prefix."""
 
     def __init__(self, directory: Path, redis_url: str) -> None:
-        self.port = free_port()
         self.prefix = new_prefix()
         import redis  # not at the top: the tox "minimal" env has no redis-py
 
         self.redis = redis.Redis.from_url(redis_url)
-        self.log = directory / "gunicorn.log"
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.gunicorn_settings",
-            "GUNICORN_TEST_KEY_PREFIX": self.prefix,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        env.pop("GUNICORN_CMD_ARGS", None)  # only the options below
-        command = [
-            sys.executable,
-            *("-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}"),
-            *("--workers", str(WORKERS), "--worker-class", "sync"),
-            # Workers are forked from a loaded app: all of them are ready at once.
-            "--preload",
-            *("--timeout", str(TIMEOUT), "--graceful-timeout", "2"),
-            *("--chdir", str(ROOT)),
-            "django.core.wsgi:get_wsgi_application()",
-        ]
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    def wait_until_ready(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if self.request("GET", "/ready/", timeout=1).status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"gunicorn was not ready after {TIMEOUT} s:\n{self.output()}")
-            time.sleep(0.1)
+        super().__init__(
+            directory,
+            workers=WORKERS,
+            settings="tests.gunicorn_settings",
+            timeout=TIMEOUT,
+            GUNICORN_TEST_KEY_PREFIX=self.prefix,
+        )
 
     def stop(self) -> None:
         try:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(TIMEOUT)
+            super().stop()
         finally:
             delete_keys(self.redis, self.prefix)
             self.redis.close()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def request(
-        self, method: str, url: str, body: bytes = b"", *, timeout: float = TIMEOUT, **headers: str
-    ) -> Answer:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            started = time.monotonic()
-            connection.request(method, url, body, headers)
-            response = connection.getresponse()
-            content = response.read()
-            return Answer(
-                status=response.status,
-                content=content,
-                headers=CaseInsensitiveMapping(dict(response.getheaders())),
-                elapsed=time.monotonic() - started,
-            )
-        finally:
-            connection.close()
-
-    def post(self, url: str, key: str) -> Answer:
-        body = json.dumps({"amount": 7}).encode()
-        return self.request(
-            "POST", url, body, **{"Content-Type": "application/json", "Idempotency-Key": key}
-        )
 
     def runs(self, note: str) -> int:
         """How many times a view ran for ``note``, in any worker (``tests.gunicorn_views``)."""
@@ -141,7 +73,6 @@ class Gunicorn:
 def gunicorn(tmp_path_factory) -> Iterator[Gunicorn]:
     server = Gunicorn(tmp_path_factory.mktemp("gunicorn"), os.environ["REDIS_URL"])
     try:
-        server.wait_until_ready()
         yield server
     finally:
         server.stop()
