@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "django_idempotency.stores.DatabaseStore"
 DEFAULT_SCOPE = "django_idempotency.core.user_scope"
 DEFAULT_FINGERPRINT = "django_idempotency.core.request_fingerprint"
+DEFAULT_SERIALIZER = "django_idempotency.functions.JSONSerializer"
 
 
 class Settings:
@@ -85,6 +86,10 @@ class Settings:
     @property
     def IDEMPOTENCY_FAIL_OPEN(self) -> bool:
         return getattr(settings, "IDEMPOTENCY_FAIL_OPEN", False)
+
+    @property
+    def IDEMPOTENCY_SERIALIZER(self) -> str:
+        return getattr(settings, "IDEMPOTENCY_SERIALIZER", DEFAULT_SERIALIZER)
 
     @property
     def IDEMPOTENCY_PURGE_BATCH_SIZE(self) -> int:

@@ -15,8 +15,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
@@ -26,7 +26,9 @@ from urllib.parse import parse_qsl
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections
+from django.db import transaction as db_transaction
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.multipartparser import MultiPartParserError
 from django.http.response import HttpResponseBase
@@ -39,6 +41,7 @@ from django_idempotency.exceptions import (
     IdempotencyKeyInvalid,
     IdempotencyKeyMismatch,
     IdempotencyKeyMissing,
+    IdempotencyLeaseLost,
     IdempotencyResponseNotStored,
     RequestInvalid,
     StoreUnavailable,
@@ -48,6 +51,7 @@ from django_idempotency.stores import ClaimRequest, KeyLocked, Record, Store, St
 logger = logging.getLogger("django_idempotency")
 
 _Value = TypeVar("_Value")
+_Run = TypeVar("_Run", bound="Run")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 MAX_KEY_LENGTH = 255
@@ -286,23 +290,35 @@ class _Discarded(Exception):
     """Leaves the atomic mode's transaction so that it rolls back."""
 
 
-class Execution:
-    """One request's pass through the protocol, shared by every adapter.
+class Run:
+    """One claim's pass through the protocol, whatever made it: a request or a function call.
 
-    Sync adapters use it as a context manager around the view (and, for DRF, around
-    ``dispatch``); the atomic mode's transaction lives inside it. Async adapters call
-    :meth:`begin`, :meth:`finish` and :meth:`abort` through ``sync_to_async``.
+    :class:`Execution` (the HTTP adapters' engine) and ``django_idempotency.functions`` (plain
+    callables, tasks) both drive a run; every rule about claiming, waiting, replaying, storing,
+    releasing, leases and phases lives here, once.
 
-    * :meth:`begin` returns ``None`` to run the view, or the response to send instead (a
-      replay); it raises :class:`IdempotencyError` for an answer of this layer.
-    * :meth:`finish` stores what the view returned (or rolls back / releases) and returns the
-      response to send.
-    * :meth:`fail` marks the view as having raised, where a framework turned the exception
-      into a response (DRF's ``handle_exception``): nothing is stored and the key is released.
+    * :meth:`start` claims the key: ``None`` means run the work (this run owns the key, or the
+      store is down and ``IDEMPOTENCY_FAIL_OPEN`` lets the work run unprotected); otherwise it
+      returns the completed record to replay. It raises :class:`IdempotencyError` for an
+      answer of this layer.
+    * :meth:`conclude` stores the outcome (or, with ``None``, releases the key).
+    * :meth:`phase` runs one named phase of the work once, across retries, and
+      :meth:`foreign_key` derives a key for a call to another service.
+    * Leaving the context (or :meth:`abort`) ends the run: the atomic mode's transaction
+      commits, or rolls back when the work raised; an unfinished claim is released.
     """
 
-    def __init__(self, options: Options | None = None, *, is_async: bool = False) -> None:
-        self.options = options or Options()
+    def __init__(
+        self,
+        *,
+        ttl: timedelta | None = None,
+        atomic: bool | None = None,
+        wait: timedelta | None = None,
+        is_async: bool = False,
+    ) -> None:
+        self.ttl = conf.IDEMPOTENCY_TTL if ttl is None else ttl
+        self.atomic = atomic
+        self.wait = wait
         self.is_async = is_async
         self._claim: ClaimRequest | None = None
         self._store: Store | None = None
@@ -310,14 +326,18 @@ class Execution:
         self._heartbeat: _Heartbeat | None = None
         self._failed = False
         self._done = False
-        self._request: Any = None
+        self._context: Any = None
         self._stored: StoredResponse | None = None
         #: Set when the claim replaced another request's record: "expired" or "abandoned".
         self._taken_over: str | None = None
+        #: The phases committed so far, by this run or by the attempts it resumes.
+        self._points: tuple[tuple[str, Any], ...] = ()
+        self._phases_run: set[str] = set()
+        self._foreign_keys: dict[str, str] = {}
 
     # Context manager: the sync adapters' way in and out.
 
-    def __enter__(self) -> Execution:
+    def __enter__(self: _Run) -> _Run:
         return self
 
     def __exit__(
@@ -330,75 +350,66 @@ class Execution:
             self._failed = True
         self._close(exc)
 
+    @property
+    def claimed(self) -> bool:
+        """Whether this run owns its key (``False`` without a key, or when failing open)."""
+        return self._claim is not None
+
+    @property
+    def recovery_point(self) -> str | None:
+        """The last phase committed before this run resumed the key, or ``None``."""
+        return self._points[-1][0] if self._points else None
+
     # The protocol.
 
-    def begin(self, request: Any) -> HttpResponse | None:
-        options = self.options
-        if request.method not in options.covered_methods:
-            return None
-        raw_key = request.headers.get(conf.IDEMPOTENCY_HEADER)
-        if raw_key is None:
-            required = conf.IDEMPOTENCY_REQUIRED if options.required is None else options.required
-            if required:
-                raise IdempotencyKeyMissing()
-            return None
-        http_request = getattr(request, "_request", request)  # a DRF Request wraps Django's
-        key = parse_key(raw_key)
-        claim = ClaimRequest(
-            scope=_scope(request),
-            key=key,
-            fingerprint=_fingerprint(http_request),
-            method=http_request.method,
-            path=http_request.path[:2048],
-            token=uuid.uuid4().hex,
-            ttl=conf.IDEMPOTENCY_TTL if options.ttl is None else options.ttl,
-        )
+    def start(self, claim: ClaimRequest, context: Any = None) -> Record | None:
+        """Claim ``claim``'s key; ``context`` (the request, or ``None``) goes to the signals."""
         store = get_store()
         atomic = self._atomic_mode(store)
-        self._request = request
+        self._context = context
+        key = claim.key
         try:
-            replay = self._claim_or_replay(store, claim, atomic=atomic)
+            record = self._claim_or_find(store, claim, atomic=atomic)
         except StoreUnavailable:
             fail_open = conf.IDEMPOTENCY_FAIL_OPEN
-            signals.send("store_unavailable", store, request, claim.scope, key, fail_open=fail_open)
+            signals.send("store_unavailable", store, context, claim.scope, key, fail_open=fail_open)
             if not fail_open:
                 raise
             # IDEMPOTENCY_FAIL_OPEN: the project chose availability over protection.
             logger.warning(
-                "The idempotency store is unavailable: running the view for key %r "
+                "The idempotency store is unavailable: running %s for key %r "
                 "unprotected (IDEMPOTENCY_FAIL_OPEN).",
+                "the view" if context is not None else "the call",
                 key,
                 exc_info=True,
             )
             return None
         except IdempotencyKeyInProgress:
-            signals.send("key_in_progress", store, request, claim.scope, key)
+            signals.send("key_in_progress", store, context, claim.scope, key)
             raise
         except IdempotencyKeyMismatch:
-            signals.send("key_mismatch", store, request, claim.scope, key)
+            signals.send("key_mismatch", store, context, claim.scope, key)
             raise
-        if replay is not None:
-            status = replay.status_code
-            signals.send("response_replayed", store, request, claim.scope, key, status=status)
-            return replay
+        if record is not None:
+            assert record.response is not None
+            status = record.response.status
+            signals.send("response_replayed", store, context, claim.scope, key, status=status)
+            return record
         if self._taken_over is not None:
             reason = self._taken_over
-            signals.send("key_taken_over", store, request, claim.scope, key, reason=reason)
+            signals.send("key_taken_over", store, context, claim.scope, key, reason=reason)
         mode = "lease" if self._transaction is None else "atomic"
-        signals.send("key_claimed", store, request, claim.scope, key, mode=mode)
+        signals.send("key_claimed", store, context, claim.scope, key, mode=mode)
         return None
 
-    def _claim_or_replay(
-        self, store: Store, claim: ClaimRequest, *, atomic: bool
-    ) -> HttpResponse | None:
-        options = self.options
-        wait = conf.IDEMPOTENCY_WAIT if options.wait is None else options.wait
+    def _claim_or_find(self, store: Store, claim: ClaimRequest, *, atomic: bool) -> Record | None:
+        wait = conf.IDEMPOTENCY_WAIT if self.wait is None else self.wait
         deadline = time.monotonic() + wait.total_seconds()
         delay = 0.01
         vanished = False
         while True:
             try:
-                replay = self._claim_once(store, claim, atomic=atomic)
+                found = self._claim_once(store, claim, atomic=atomic)
             except KeyLocked as locked:
                 if locked.retry_after == 0 and not vanished:
                     # The row went away under us (released or purged): try once more at once.
@@ -410,52 +421,119 @@ class Execution:
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
                 continue
-            if replay is None:
+            if found is None:
                 self._claim, self._store = claim, store
                 if not atomic:
                     self._heartbeat = _Heartbeat(store, claim, conf.IDEMPOTENCY_LOCK_TTL)
-            return replay
+            return found
 
-    def finish(self, request: Any, response: HttpResponseBase) -> HttpResponseBase:
+    def conclude(self, stored: StoredResponse | None) -> StoreUnavailable | None:
+        """Store the work's outcome, or release the key for ``None`` (nothing to store).
+
+        Returns the store's failure when it left nothing behind (the atomic mode rolled the
+        work back), for the adapter to report; ``None`` otherwise.
+        """
         if self._claim is None or self._done:
-            return response
+            return None
         if self._failed:
             self._close(None)
-            return response
+            return None
         try:
-            _render(request, response)
-            stored = _stored_response(response)
             if stored is None:
                 self._failed = True
             else:
                 self._complete(stored)
         except StoreUnavailable as exc:
             if self._transaction is None:
-                # Lease mode: the view has run and committed; its answer is the truth. The
+                # Lease mode: the work has run and committed; its outcome is the truth. The
                 # claim stays in place until its lease passes, holding retries off that long.
-                logger.error("Could not store the response for key %r.", self._claim.key)
+                logger.error(
+                    "Could not store the response (or result) for key %r.", self._claim.key
+                )
                 self._close(None)
-                return response
-            # Atomic mode: roll the view's writes back with the claim; nothing happened.
+                return None
+            # Atomic mode: roll the work's writes back with the claim; nothing happened.
             self._failed = True
             self._close(exc)
-            return error_response(exc)
+            return exc
         if self._transaction is None:
             self._close(None)
-        return response
+        return None
 
     def fail(self) -> None:
         self._failed = True
 
     def abort(self) -> None:
-        """Release the claim after the view raised (the async adapters' ``__exit__``)."""
+        """Release the claim after the work raised (the async adapters' ``__exit__``)."""
         self._failed = True
         self._close(None)
+
+    # Phases.
+
+    def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
+        """Run ``function`` once for this key, across retries, and return its result.
+
+        A phase that an earlier, abandoned attempt at this key committed is not run again:
+        its stored result is returned. Otherwise ``function`` runs and its result is stored
+        as the phase's recovery point; with ``atomic`` (the default) inside one transaction
+        with the recovery point, so its database writes and the point commit together. Use
+        ``atomic=False`` for a call to another service, with :meth:`foreign_key` as that
+        call's own idempotency key: a crash after the call and before its point is saved
+        repeats the call, with the same key, and the service answers the first call's result.
+
+        The result must be JSON-serialisable (``DjangoJSONEncoder``); the value returned is
+        the JSON round trip, on the first run as on a resumed one, so that the code after a
+        phase sees the same value either way. Recovery points need the lease mode
+        (``atomic=False`` on the view or function) and a store that keeps them
+        (``DatabaseStore``).
+        """
+        if name in self._phases_run:
+            raise ValueError(f"The phase {name!r} has already run in this request.")
+        for done, result in self._points:
+            if done == name:
+                self._phases_run.add(name)
+                return result
+        store = self._store
+        if self._claim is not None and store is not None and not store.supports_phases:
+            raise ImproperlyConfigured(
+                f"{type(store).__name__} cannot keep recovery points; phases need the "
+                "DatabaseStore."
+            )
+        with ExitStack() as stack:
+            if atomic:
+                stack.enter_context(_phase_transaction(store))
+            value = _json_round_trip(function(), what=f"The phase {name!r}")
+            if self._claim is not None and store is not None:
+                points = (*self._points, (name, value))
+                if not store.save_recovery_points(self._claim, points):
+                    raise IdempotencyLeaseLost(self._claim.key)
+                self._points = points
+        self._phases_run.add(name)
+        return value
+
+    def foreign_key(self, name: str) -> str:
+        """The idempotency key for the call ``name`` to another service, derived from this key.
+
+        The same for every attempt at this key and request (scope, key and fingerprint), so a
+        retried call is deduplicated by the other service too; different for every ``name``.
+        Without a claimed key (no key sent, or failing open), a random key per run.
+        """
+        derived = self._foreign_keys.get(name)
+        if derived is None:
+            claim = self._claim
+            if claim is None:
+                derived = uuid.uuid4().hex
+            else:
+                parts = [claim.scope, claim.key, claim.fingerprint, name]
+                text = json.dumps(parts, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                derived = hashlib.sha256(text).hexdigest()
+            self._foreign_keys[name] = derived
+        return derived
 
     # Internals.
 
     def _atomic_mode(self, store: Store) -> bool:
-        atomic = self.options.atomic
+        atomic = self.atomic
         if atomic is None:
             return store.supports_atomic and not self.is_async
         if atomic and not store.supports_atomic:
@@ -464,14 +542,12 @@ class Execution:
             )
         return atomic
 
-    def _claim_once(
-        self, store: Store, claim: ClaimRequest, *, atomic: bool
-    ) -> HttpResponse | None:
+    def _claim_once(self, store: Store, claim: ClaimRequest, *, atomic: bool) -> Record | None:
         self._taken_over = None
         record = previous = store.get(scope=claim.scope, key=claim.key)
         if record is not None and record.live:
             if record.completed:
-                return _replay(record, claim)
+                return _completed(record, claim)
             # An atomic-mode claim has no lease: whether its request lives is only known by
             # trying its row lock, below. A lease-mode claim is judged by its lease.
             if record.lease_remaining is not None:
@@ -485,7 +561,7 @@ class Execution:
             self._taken_over = "abandoned" if previous.live else "expired"
         if not atomic:
             record = store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert)
-            return _decide(record, claim)
+            return self._decide(record, claim)
         with ExitStack() as transaction:
             try:
                 locked = transaction.enter_context(store.lock(claim, insert=insert))
@@ -495,10 +571,24 @@ class Execution:
                     # finish, this one never will with this key.
                     raise IdempotencyKeyMismatch() from None
                 raise
-            replay = _decide(locked, claim)
-            if replay is None:
-                self._transaction = transaction.pop_all()  # open until the view has finished
-            return replay
+            found = self._decide(locked, claim)
+            if found is None:
+                self._transaction = transaction.pop_all()  # open until the work has finished
+            return found
+
+    def _decide(self, record: Record, claim: ClaimRequest) -> Record | None:
+        """What a record found by a claim means: ``None`` to run the work, else a replay."""
+        if record.owner_token == claim.token:
+            self._points = record.recovery_points
+            return None
+        if record.completed:
+            return _completed(record, claim)
+        if record.fingerprint != claim.fingerprint:
+            raise IdempotencyKeyMismatch()
+        # The lease says when a dead request's key may be taken over, not when a live one will
+        # finish: suggest an early retry (Retry-After: 1) rather than the lease's remaining
+        # time.
+        raise KeyLocked()
 
     def _complete(self, stored: StoredResponse) -> None:
         assert self._claim is not None
@@ -521,6 +611,7 @@ class Execution:
         self._done = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        atomic = self._transaction is not None
         if self._transaction is not None:
             transaction, self._transaction = self._transaction, None
             if exc is None and self._failed:
@@ -531,23 +622,97 @@ class Execution:
                 transaction.__exit__(type(exc), exc, exc.__traceback__)
         stored, self._stored = self._stored, None
         if stored is not None and not self._failed and self._claim is not None:
-            # Sent once committed: in the atomic mode, with the view's writes.
+            # Sent once committed: in the atomic mode, with the work's writes.
             signals.send(
                 "response_stored",
                 self._store,
-                self._request,
+                self._context,
                 self._claim.scope,
                 self._claim.key,
                 status=stored.status,
                 replayable=stored.body is not None,
             )
         if self._failed and self._claim is not None and self._store is not None:
+            if self._points and not atomic:
+                # Committed phases are kept for the retry to resume from: the claim stays,
+                # and a retry takes it over once its lease has passed.
+                self._release_lease()
+                return
             try:
                 self._store.release(self._claim)
             except (StoreUnavailable, KeyLocked):
                 # The claim stays until a retry takes it over (atomic mode: at once, as its
                 # lock is free; lease mode: once its lease has passed).
                 logger.exception("Could not release idempotency key %r.", self._claim.key)
+
+    def _release_lease(self) -> None:
+        """End the lease of a claim with committed phases now, so a retry may resume at once."""
+        assert self._claim is not None
+        assert self._store is not None
+        try:
+            self._store.renew(self._claim, lease=timedelta(0))
+        except (StoreUnavailable, KeyLocked):
+            logger.exception("Could not end the lease of idempotency key %r.", self._claim.key)
+
+
+class Execution(Run):
+    """One request's pass through the protocol, shared by every HTTP adapter.
+
+    Sync adapters use it as a context manager around the view (and, for DRF, around
+    ``dispatch``); the atomic mode's transaction lives inside it. Async adapters call
+    :meth:`begin`, :meth:`finish` and :meth:`abort` through ``sync_to_async``.
+
+    * :meth:`begin` returns ``None`` to run the view, or the response to send instead (a
+      replay); it raises :class:`IdempotencyError` for an answer of this layer.
+    * :meth:`finish` stores what the view returned (or rolls back / releases) and returns the
+      response to send.
+    * :meth:`fail` marks the view as having raised, where a framework turned the exception
+      into a response (DRF's ``handle_exception``): nothing is stored and the key is released.
+
+    The view finds the execution as ``request.idempotency``, for :meth:`Run.phase` and
+    :meth:`Run.foreign_key`.
+    """
+
+    def __init__(self, options: Options | None = None, *, is_async: bool = False) -> None:
+        self.options = options = options or Options()
+        super().__init__(
+            ttl=options.ttl, atomic=options.atomic, wait=options.wait, is_async=is_async
+        )
+
+    def begin(self, request: Any) -> HttpResponse | None:
+        options = self.options
+        http_request = getattr(request, "_request", request)  # a DRF Request wraps Django's
+        http_request.idempotency = self  # for phases and foreign keys, also without a key
+        if request.method not in options.covered_methods:
+            return None
+        raw_key = request.headers.get(conf.IDEMPOTENCY_HEADER)
+        if raw_key is None:
+            required = conf.IDEMPOTENCY_REQUIRED if options.required is None else options.required
+            if required:
+                raise IdempotencyKeyMissing()
+            return None
+        claim = ClaimRequest(
+            scope=_scope(request),
+            key=parse_key(raw_key),
+            fingerprint=_fingerprint(http_request),
+            method=http_request.method,
+            path=http_request.path[:2048],
+            token=uuid.uuid4().hex,
+            ttl=self.ttl,
+        )
+        record = self.start(claim, request)
+        if record is None:
+            return None
+        assert record.response is not None
+        return replay_response(record.response)
+
+    def finish(self, request: Any, response: HttpResponseBase) -> HttpResponseBase:
+        if self._claim is None or self._done:
+            return response
+        if not self._failed:
+            _render(request, response)
+        error = self.conclude(None if self._failed else _stored_response(response))
+        return response if error is None else error_response(error)
 
 
 def _scope(request: Any) -> str:
@@ -565,26 +730,31 @@ def _fit(value: str, length: int) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _decide(record: Record, claim: ClaimRequest) -> HttpResponse | None:
-    """What a record found by a claim means: ``None`` to run the view, else a replay."""
-    if record.owner_token == claim.token:
-        return None
-    if record.completed:
-        return _replay(record, claim)
-    if record.fingerprint != claim.fingerprint:
-        raise IdempotencyKeyMismatch()
-    # The lease says when a dead request's key may be taken over, not when a live one will
-    # finish: suggest an early retry (Retry-After: 1) rather than the lease's remaining time.
-    raise KeyLocked()
-
-
-def _replay(record: Record, claim: ClaimRequest) -> HttpResponse:
+def _completed(record: Record, claim: ClaimRequest) -> Record:
+    """A completed record found for ``claim``, checked: the same request, with its outcome kept."""
     if record.fingerprint != claim.fingerprint:
         raise IdempotencyKeyMismatch()
     assert record.response is not None
     if record.response.body is None:
         raise IdempotencyResponseNotStored(original_status=record.response.status)
-    return replay_response(record.response)
+    return record
+
+
+@contextmanager
+def _phase_transaction(store: Store | None) -> Iterator[None]:
+    """An atomic phase's transaction: on the store's database, where its recovery point goes."""
+    using = getattr(store, "transaction_alias", None)
+    with db_transaction.atomic(using=using() if callable(using) else None):
+        yield
+
+
+def _json_round_trip(value: Any, *, what: str) -> Any:
+    """``value`` as JSON gives it back; a ``TypeError`` that says what to change otherwise."""
+    try:
+        text = json.dumps(value, cls=DjangoJSONEncoder)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} returned a value that JSON cannot store: {exc}") from exc
+    return json.loads(text)
 
 
 class _Heartbeat:

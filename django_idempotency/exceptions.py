@@ -121,3 +121,17 @@ class StoreUnavailable(IdempotencyError):
         "The idempotency store cannot be reached, so the request was not processed. "
         "Retry after the time given in the Retry-After header."
     )
+
+
+class IdempotencyLeaseLost(Exception):
+    """The run's lease passed and another attempt took its key over: stop the work.
+
+    Raised by a phase whose recovery point could not be saved. Not a client's error: it
+    means a heartbeat could not renew the lease (the store was unreachable for longer than
+    ``IDEMPOTENCY_LOCK_TTL``), and the attempt that took over carries on from the last
+    recovery point.
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency key {key!r} was taken over by another attempt.")
+        self.key = key

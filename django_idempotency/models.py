@@ -370,6 +370,15 @@ class IdempotencyKey(models.Model):
             "Set in lease mode only: when an unfinished request's claim may be taken over."
         ),
     )
+    recovery_points = models.JSONField(
+        _("recovery points"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "The phases an unfinished request has committed, in order, each with its result: "
+            "a retry after a crash resumes after the last one."
+        ),
+    )
 
     objects = IdempotencyKeyQuerySet.as_manager()
 
@@ -394,6 +403,12 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.scope})"
+
+    @property
+    def recovery_point(self) -> str:
+        """The name of the last phase committed, or ``""``."""
+        points = self.recovery_points or []
+        return str(points[-1][0]) if points else ""
 
     @property
     def has_response(self) -> bool:

@@ -52,6 +52,9 @@ class Record:
     live: bool
     #: Seconds left on an unfinished lease-mode request's lease; ``None`` when it has none.
     lease_remaining: float | None = None
+    #: The phases its request committed, in order, as ``(name, result)`` pairs. Only the
+    #: owner's record carries them: the one a claim returns, kept from an abandoned claim.
+    recovery_points: tuple[tuple[str, Any], ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -92,6 +95,8 @@ class Store(Protocol):
 
     #: Whether :meth:`lock` is available (the atomic mode).
     supports_atomic: bool
+    #: Whether :meth:`save_recovery_points` is available (phases with recovery points).
+    supports_phases: bool
 
     def get(self, *, scope: str, key: str) -> Record | None:
         """The key's record, without locking it, or ``None``."""
@@ -114,6 +119,17 @@ class Store(Protocol):
 
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
         """Extend the caller's lease; ``False`` once the caller no longer owns the key."""
+
+    def save_recovery_points(
+        self, claim: ClaimRequest, points: tuple[tuple[str, Any], ...]
+    ) -> bool:
+        """Replace the caller's recovery points; ``False`` once the caller no longer owns the key.
+
+        Written in the caller's transaction, if it is in one, so that an atomic phase's writes
+        and its recovery point commit together. A claim that takes over an abandoned record
+        (same fingerprint, lease passed) keeps its recovery points; any other claim starts
+        with none.
+        """
 
 
 def _lock_error(exc: Exception) -> bool:
@@ -147,10 +163,15 @@ class DatabaseStore:
     """
 
     supports_atomic = True
+    supports_phases = True
     using: str | None = None
 
     def _alias(self) -> str:
         return self.using or router.db_for_write(IdempotencyKey)
+
+    def transaction_alias(self) -> str:
+        """The database whose transactions commit a phase's writes with its recovery point."""
+        return self._alias()
 
     def _rows(self, alias: str) -> Any:
         return IdempotencyKey.objects.using(alias).annotate(db_now=Now())
@@ -263,6 +284,15 @@ class DatabaseStore:
             updated: int = self._owned(claim).update(locked_until=Now() + lease)
         return updated == 1
 
+    def save_recovery_points(
+        self, claim: ClaimRequest, points: tuple[tuple[str, Any], ...]
+    ) -> bool:
+        with _translate_errors():
+            updated: int = self._owned(claim).update(
+                recovery_points=[[name, result] for name, result in points]
+            )
+        return updated == 1
+
     def _owned(self, claim: ClaimRequest, alias: str | None = None) -> Any:
         # Fencing: every write after the claim names the owner token, so a request whose
         # claim was taken over can neither overwrite nor delete the new owner's record.
@@ -343,6 +373,12 @@ class DatabaseStore:
             if record.completed:
                 replay_cache.forget([(claim.scope, claim.key)])
             deadline = None if lease is None else Now() + lease
+            # The same request taking over from its own dead attempt resumes after that
+            # attempt's last committed phase; anything else starts afresh.
+            resumed = (
+                not record.completed and record.live and record.fingerprint == claim.fingerprint
+            )
+            points = _recovery_points(row.recovery_points) if resumed else ()
             IdempotencyKey.objects.using(alias).filter(pk=row.pk).update(
                 state=IN_PROGRESS,
                 fingerprint=claim.fingerprint,
@@ -356,8 +392,9 @@ class DatabaseStore:
                 completed_at=None,
                 expires_at=Now() + claim.ttl,
                 locked_until=deadline,
+                recovery_points=[list(point) for point in points] or None,
             )
-            return _owned_record(claim)
+            return _owned_record(claim, points)
         return record
 
 
@@ -494,14 +531,20 @@ class _Sql:
         return record, timedelta(seconds=expires_in)
 
 
-def _owned_record(claim: ClaimRequest) -> Record:
+def _owned_record(claim: ClaimRequest, points: tuple[tuple[str, Any], ...] = ()) -> Record:
     return Record(
         fingerprint=claim.fingerprint,
         state=IN_PROGRESS,
         owner_token=claim.token,
         response=None,
         live=True,
+        recovery_points=points,
     )
+
+
+def _recovery_points(value: Any) -> tuple[tuple[str, Any], ...]:
+    """A ``recovery_points`` column's ``[[name, result], ...]`` as pairs."""
+    return tuple((str(name), result) for name, result in value or ())
 
 
 def may_take_over(record: Record, claim: ClaimRequest) -> bool:
@@ -680,6 +723,7 @@ class CacheStore:
     """
 
     supports_atomic = False
+    supports_phases = False
     alias: str | None = None
 
     def _alias(self) -> str:
@@ -744,6 +788,15 @@ class CacheStore:
 
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
         return bool(self._run(_LUA_RENEW, claim.scope, claim.key, claim.token, _ms(lease)))
+
+    def save_recovery_points(
+        self, claim: ClaimRequest, points: tuple[tuple[str, Any], ...]
+    ) -> bool:
+        # An atomic phase's recovery point must commit with its database writes, which Redis
+        # cannot do.
+        raise ImproperlyConfigured(
+            "CacheStore cannot keep recovery points; phases need the DatabaseStore."
+        )
 
 
 def _ms(duration: timedelta) -> int:

@@ -1,0 +1,450 @@
+"""Idempotent functions: run a callable once per key, and return its stored result after that.
+
+Work is retried outside views too: a message consumer gets a message at least once, an agent
+re-sends a tool call after a timeout, a command is re-run after a crash. The same core and
+store as the views' protect it, with the same modes, errors, TTL and purge:
+
+* :func:`idempotent_function`, a decorator, keyed by the caller (``idempotency_key=``) or by
+  a function of the arguments (``key=``);
+* :func:`idempotent_call`, a context manager for a block of code.
+
+A result is stored through a serializer (:class:`JSONSerializer` unless
+``IDEMPOTENCY_SERIALIZER`` or ``serializer=`` says otherwise); a later call with the key gets
+the stored result as the serializer gives it back. Errors are raised as exceptions: the key
+used with other arguments (:class:`IdempotencyKeyMismatch`), a call with the key still running
+(:class:`IdempotencyKeyInProgress`, after ``wait``), a result that was too large to store
+(:class:`IdempotencyResponseNotStored`) and an unreachable store (:class:`StoreUnavailable`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, overload
+
+from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.core.exceptions import ImproperlyConfigured
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.utils.module_loading import import_string
+
+from django_idempotency.conf import conf
+from django_idempotency.core import MAX_KEY_LENGTH, Run, _fit
+from django_idempotency.exceptions import (
+    IdempotencyError,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyMismatch,
+    IdempotencyKeyMissing,
+    IdempotencyResponseNotStored,
+)
+from django_idempotency.stores import ClaimRequest, StoredResponse
+
+__all__ = [
+    "IdempotentCall",
+    "JSONSerializer",
+    "Serializer",
+    "idempotent_call",
+    "idempotent_function",
+]
+
+Func = TypeVar("Func", bound=Callable[..., Any])
+
+#: The method column of a call's record (a request's is its HTTP method).
+CALL_METHOD = "CALL"
+
+
+class Serializer(Protocol):
+    """How results are stored: bytes out, the value back in."""
+
+    #: Stored with the result, as its ``Content-Type``, and shown by the admin.
+    content_type: str
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+class JSONSerializer:
+    """The default: JSON, with Django's encoder (dates, decimals and UUIDs become strings).
+
+    A result comes back as JSON gives it: a tuple as a list, a ``Decimal`` as a string.
+    """
+
+    content_type = "application/json"
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+def get_serializer(serializer: Serializer | str | None) -> Serializer:
+    """``serializer`` itself, or the class its dotted path names, instantiated."""
+    if serializer is None:
+        serializer = conf.IDEMPOTENCY_SERIALIZER
+    if isinstance(serializer, str):
+        serializer_class = import_string(serializer)
+        return serializer_class()  # type: ignore[no-any-return]
+    return serializer
+
+
+class IdempotentCall:
+    """One call's pass through the protocol; what :func:`idempotent_call` returns.
+
+    Inside the ``with`` block, :attr:`replayed` says whether the key was used before: then
+    :attr:`result` is the stored result and the work must not run. Otherwise do the work and
+    hand its result to :meth:`save`; a block that ends without saving stores ``None``. A
+    block that raises stores nothing and frees the key (in the atomic mode, its database
+    writes are rolled back), so a retry runs it again, unless it committed phases: then a
+    retry resumes after the last of them.
+    """
+
+    def __init__(
+        self,
+        key: Any,
+        *,
+        scope: str,
+        fingerprint: Any = None,
+        ttl: timedelta | None = None,
+        atomic: bool | None = None,
+        wait: timedelta | None = None,
+        serializer: Serializer | str | None = None,
+        name: str | None = None,
+        is_async: bool = False,
+    ) -> None:
+        if not isinstance(scope, str) or not scope:
+            raise TypeError(
+                f"The scope of an idempotent call must be a non-empty string, not {scope!r}."
+            )
+        self.key = _call_key(key)
+        self.scope = _fit(scope, MAX_KEY_LENGTH)
+        self.name = name or self.scope
+        self.fingerprint = _digest(fingerprint, what="the fingerprint")
+        self.serializer = get_serializer(serializer)
+        if is_async and atomic:
+            raise ImproperlyConfigured(
+                f"The async idempotent call {self.name!r} cannot use atomic=True: Django "
+                "cannot hold a transaction open across an await. Leave atomic unset."
+            )
+        self._run = Run(ttl=ttl, atomic=atomic, wait=wait, is_async=is_async)
+        #: Whether the key was used before, and :attr:`result` is that call's stored result.
+        self.replayed = False
+        self.result: Any = None
+        self._saved = False
+
+    def __enter__(self) -> IdempotentCall:
+        self._run.__enter__()
+        try:
+            self._start()
+        except BaseException as exc:
+            self._run.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None and not self.replayed and not self._saved:
+            try:
+                self.save(None)
+            except BaseException as error:
+                self._run.__exit__(type(error), error, error.__traceback__)
+                raise
+        self._run.__exit__(exc_type, exc, traceback)
+
+    def _start(self) -> None:
+        claim = ClaimRequest(
+            scope=self.scope,
+            key=self.key,
+            fingerprint=self.fingerprint,
+            method=CALL_METHOD,
+            path=self.name[:2048],
+            token=uuid.uuid4().hex,
+            ttl=self._run.ttl,
+        )
+        try:
+            record = self._run.start(claim)
+        except IdempotencyError as exc:
+            raise _for_calls(exc, self.name) from None
+        if record is not None:
+            assert record.response is not None
+            assert record.response.body is not None
+            self.replayed = True
+            self.result = self.serializer.loads(record.response.body)
+
+    @property
+    def claimed(self) -> bool:
+        """Whether this call owns the key (``False`` when replayed, or when failing open)."""
+        return self._run.claimed
+
+    def save(self, result: Any) -> Any:
+        """Store ``result`` for every later call with this key, and return it."""
+        if self.replayed:
+            raise RuntimeError("This call was replayed: there is nothing to save.")
+        if self._saved:
+            raise RuntimeError("This call's result has been saved already.")
+        data = self.serializer.dumps(result)
+        # Too large: later calls get IdempotencyResponseNotStored; the call is done all the same.
+        body = data if len(data) <= conf.IDEMPOTENCY_MAX_RESPONSE_SIZE else None
+        headers = [("Content-Type", self.serializer.content_type)]
+        error = self._run.conclude(StoredResponse(status=200, headers=headers, body=body))
+        if error is not None:
+            raise error  # the atomic mode rolled the work back: nothing happened
+        self._saved = True
+        return result
+
+    def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
+        """Run one named phase of the work once for this key; see :meth:`core.Run.phase`."""
+        return self._run.phase(name, function, atomic=atomic)
+
+    def foreign_key(self, name: str) -> str:
+        """The key for the call ``name`` to another service; see :meth:`core.Run.foreign_key`."""
+        return self._run.foreign_key(name)
+
+    @property
+    def recovery_point(self) -> str | None:
+        """The last phase an abandoned earlier attempt committed, or ``None``."""
+        return self._run.recovery_point
+
+
+def idempotent_call(
+    key: Any,
+    *,
+    scope: str,
+    fingerprint: Any = None,
+    ttl: timedelta | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+    serializer: Serializer | str | None = None,
+) -> IdempotentCall:
+    """Run a block of code once per ``(scope, key)``::
+
+        with idempotent_call(f"invoice-{invoice.pk}", scope="billing.send_invoice") as call:
+            if call.replayed:
+                return call.result
+            receipt = mailer.send(invoice)
+            call.save({"message_id": receipt.id})
+
+    ``scope`` names the operation (keys of different scopes never meet); ``fingerprint`` is
+    any JSON-serialisable description of the call's inputs, so that the key reused with other
+    inputs raises :class:`IdempotencyKeyMismatch`. ``ttl``, ``atomic`` and ``wait`` are the
+    views' options: by default the block runs inside the transaction that locks the key and
+    stores the result (inside the caller's transaction, if there is one), or with
+    ``atomic=False`` in the lease mode.
+    """
+    return IdempotentCall(
+        key,
+        scope=scope,
+        fingerprint=fingerprint,
+        ttl=ttl,
+        atomic=atomic,
+        wait=wait,
+        serializer=serializer,
+    )
+
+
+@overload
+def idempotent_function(func: Func, /) -> Func: ...
+
+
+@overload
+def idempotent_function(
+    *,
+    key: Callable[..., Any] | None = None,
+    scope: str | Callable[..., str] | None = None,
+    fingerprint: Callable[..., Any] | None = None,
+    ttl: timedelta | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+    serializer: Serializer | str | None = None,
+    required: bool = True,
+) -> Callable[[Func], Func]: ...
+
+
+def idempotent_function(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    key: Callable[..., Any] | None = None,
+    scope: str | Callable[..., str] | None = None,
+    fingerprint: Callable[..., Any] | None = None,
+    ttl: timedelta | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+    serializer: Serializer | str | None = None,
+    required: bool = True,
+) -> Any:
+    """Run a function once per key and return its stored result to every later call.
+
+    The key is the caller's ``idempotency_key=`` keyword (taken out before the function is
+    called), or else ``key(*args, **kwargs)``::
+
+        @idempotent_function(key=lambda order_id, amount: f"refund-{order_id}")
+        def refund(order_id, amount): ...
+
+        @idempotent_function
+        def send_receipt(order_id): ...
+
+        send_receipt(42, idempotency_key=message_id)
+
+    * ``scope``: a string, or a function of the arguments; by default the function's dotted
+      name, so two functions never share keys;
+    * ``fingerprint``: a function of the arguments whose JSON-serialisable result describes
+      the call; by default the arguments themselves (a model instance counts as its label and
+      primary key). The key reused with a different fingerprint raises
+      :class:`IdempotencyKeyMismatch`;
+    * ``required``: with ``False``, a call without a key runs unprotected;
+    * ``ttl``, ``atomic``, ``wait`` and ``serializer`` as for :func:`idempotent_call`.
+
+    Async functions are supported, in the lease mode.
+    """
+
+    def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+        name = f"{func.__module__}.{func.__qualname__}"
+        if iscoroutinefunction(func) and atomic:
+            raise ImproperlyConfigured(
+                f"@idempotent_function(atomic=True) cannot wrap the async function {name}: "
+                "Django cannot hold a transaction open across an await. Leave atomic unset."
+            )
+
+        def prepare(
+            args: tuple[Any, ...], kwargs: dict[str, Any], is_async: bool
+        ) -> IdempotentCall | None:
+            call_key = kwargs.pop("idempotency_key", None)
+            if call_key is None and key is not None:
+                call_key = key(*args, **kwargs)
+            if call_key is None or call_key == "":
+                if not required:
+                    return None
+                raise IdempotencyKeyMissing(
+                    f"{name} is idempotent and needs a key: pass idempotency_key=..., or "
+                    "give the decorator key=."
+                )
+            if scope is None:
+                call_scope = f"function:{name}"
+            elif callable(scope):
+                call_scope = scope(*args, **kwargs)
+            else:
+                call_scope = scope
+            described: Any = (
+                [list(args), kwargs] if fingerprint is None else fingerprint(*args, **kwargs)
+            )
+            return IdempotentCall(
+                call_key,
+                scope=call_scope,
+                fingerprint=described,
+                ttl=ttl,
+                atomic=atomic,
+                wait=wait,
+                serializer=serializer,
+                name=name,
+                is_async=is_async,
+            )
+
+        if iscoroutinefunction(func):
+
+            @wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                call = prepare(args, kwargs, True)
+                if call is None:
+                    return await func(*args, **kwargs)
+                await sync_to_async(call.__enter__)()
+                try:
+                    if call.replayed:
+                        result = call.result
+                    else:
+                        result = await func(*args, **kwargs)
+                        await sync_to_async(call.save)(result)
+                except BaseException as exc:
+                    await sync_to_async(call.__exit__)(type(exc), exc, exc.__traceback__)
+                    raise
+                await sync_to_async(call.__exit__)(None, None, None)
+                return result
+
+            async_wrapper.idempotent_function = name  # type: ignore[attr-defined]
+            return async_wrapper
+
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            call = prepare(args, kwargs, False)
+            if call is None:
+                return func(*args, **kwargs)
+            with call:
+                if call.replayed:
+                    return call.result
+                return call.save(func(*args, **kwargs))
+
+        wrapper.idempotent_function = name  # type: ignore[attr-defined]
+        return wrapper
+
+    if func is not None:
+        return decorator(func)
+    return decorator
+
+
+# -- Keys, fingerprints and errors ------------------------------------------------------------
+
+
+def _call_key(key: Any) -> str:
+    """A call's key as stored: text, and a digest when longer than the column."""
+    if isinstance(key, bytes) or key is None:
+        raise TypeError(f"An idempotency key must be a string (or an int or UUID), not {key!r}.")
+    text = str(key)
+    if not text:
+        raise IdempotencyKeyMissing("An idempotency key must not be empty.")
+    return _fit(text, MAX_KEY_LENGTH)
+
+
+class _ArgumentEncoder(DjangoJSONEncoder):
+    """JSON for fingerprints: a model instance is its model's label and its primary key."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, models.Model):
+            return ["model", o._meta.label_lower, o.pk]
+        if isinstance(o, (set, frozenset)):
+            return sorted(self.encode(item) for item in o)
+        return super().default(o)
+
+
+def _digest(value: Any, *, what: str) -> str:
+    """The SHA-256 of ``value``'s canonical JSON; a ``TypeError`` saying what to change."""
+    try:
+        text = json.dumps(value, cls=_ArgumentEncoder, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"Cannot compute {what} of an idempotent call: {exc}. Pass fingerprint= (a function "
+            "of the arguments returning JSON-serialisable data that describes the call)."
+        ) from exc
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _for_calls(exc: IdempotencyError, name: str) -> IdempotencyError:
+    """``exc`` with a message about a call rather than about an HTTP request."""
+    if isinstance(exc, IdempotencyKeyMismatch):
+        return IdempotencyKeyMismatch(
+            f"This idempotency key was already used for a call of {name} with different "
+            "arguments. Use a new key for a new call."
+        )
+    if isinstance(exc, IdempotencyKeyInProgress):
+        return IdempotencyKeyInProgress(
+            f"A call of {name} with this idempotency key is still running. Retry after "
+            f"{exc.headers.get('Retry-After', '1')} s to receive its result.",
+            retry_after=exc.retry_after,
+        )
+    if isinstance(exc, IdempotencyResponseNotStored):
+        return IdempotencyResponseNotStored(
+            f"A call of {name} with this idempotency key already ran, but its result was not "
+            "stored (too large, or closed by an operator after it was abandoned). It will "
+            "not run again with this key.",
+            original_status=exc.original_status,
+        )
+    return exc
