@@ -333,6 +333,7 @@ class Run:
         #: The phases committed so far, by this run or by the attempts it resumes.
         self._points: tuple[tuple[str, Any], ...] = ()
         self._phases_run: set[str] = set()
+        self._resumed_after: str | None = None
         self._foreign_keys: dict[str, str] = {}
 
     # Context manager: the sync adapters' way in and out.
@@ -356,9 +357,9 @@ class Run:
         return self._claim is not None
 
     @property
-    def recovery_point(self) -> str | None:
-        """The last phase committed before this run resumed the key, or ``None``."""
-        return self._points[-1][0] if self._points else None
+    def resumed_after(self) -> str | None:
+        """The last phase an abandoned earlier attempt at this key committed, or ``None``."""
+        return self._resumed_after
 
     # The protocol.
 
@@ -580,6 +581,7 @@ class Run:
         """What a record found by a claim means: ``None`` to run the work, else a replay."""
         if record.owner_token == claim.token:
             self._points = record.recovery_points
+            self._resumed_after = self._points[-1][0] if self._points else None
             return None
         if record.completed:
             return _completed(record, claim)

@@ -211,9 +211,9 @@ class IdempotentCall:
         return self._run.foreign_key(name)
 
     @property
-    def recovery_point(self) -> str | None:
-        """The last phase an abandoned earlier attempt committed, or ``None``."""
-        return self._run.recovery_point
+    def resumed_after(self) -> str | None:
+        """The last phase an abandoned earlier attempt at this key committed, or ``None``."""
+        return self._run.resumed_after
 
 
 def idempotent_call(

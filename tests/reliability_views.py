@@ -11,10 +11,12 @@ test it is there by writing its pid to a marker.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from django.core.cache import caches
 from django.http import HttpResponse, JsonResponse
@@ -81,6 +83,99 @@ def count_lease(request):
     return _answer(note, int(count))
 
 
+# -- A view in phases -------------------------------------------------------------------------
+
+
+class SimulatedFailure(Exception):
+    """Raised by ``/phased/`` with ``X-Fail: <where>``: the view dies there, as a crash would."""
+
+
+def provider_charge(key: str, amount: int) -> dict[str, str]:
+    """Call the "payment provider": one charge per idempotency key, however often it is called.
+
+    Stands in for another service that honours idempotency keys, as Stripe does. Its ledger is
+    a file per key in ``RELIABILITY_HOLD_DIR/provider/``, a line per call naming the charge
+    made by the first: outside every database transaction, and seen by every worker process.
+    """
+    directory = Path(os.environ["RELIABILITY_HOLD_DIR"]) / "provider"
+    directory.mkdir(exist_ok=True)
+    with (directory / key).open("a+") as ledger:
+        fcntl.flock(ledger, fcntl.LOCK_EX)
+        ledger.seek(0)
+        calls = ledger.read().split()
+        charge = calls[0] if calls else f"ch_{uuid.uuid4().hex[:16]}"
+        ledger.write(f"{charge}\n")
+    return {"provider_charge": charge, "amount": amount}
+
+
+def provider_ledger(hold_dir: Path | None = None) -> dict[str, list[str]]:
+    """Each idempotency key the provider was called with, and the charge of each call."""
+    directory = (hold_dir or Path(os.environ["RELIABILITY_HOLD_DIR"])) / "provider"
+    return {path.name: path.read_text().split() for path in sorted(directory.glob("*"))}
+
+
+def _phased(request) -> JsonResponse:
+    """Checkout in three phases: an order (atomic), a provider's charge, a receipt (atomic).
+
+    ``?note=`` names the operation. An ``X-Fail`` header (``after-order``,
+    ``after-provider-call``, ``in-receipt``) makes the view raise there; headers are not part
+    of the fingerprint, so a retry without it is the same request. A hold file
+    (``Server.hold()``) for ``after-order`` or ``after-provider-call`` holds the view there
+    until its worker is killed.
+    """
+    run = request.idempotency
+    note = request.GET.get("note", "")
+    fail = request.headers.get("X-Fail", "")
+
+    def stop(where: str) -> None:
+        _hold(note, where)
+        if fail == where:
+            raise SimulatedFailure(where)
+
+    order = run.phase("order", lambda: Charge.objects.create(amount=7, note=f"{note}:order").pk)
+    stop("after-order")
+
+    def charge_card() -> dict[str, Any]:
+        result = provider_charge(run.foreign_key("payment"), 7)
+        stop("after-provider-call")  # the provider has charged; the point is not saved yet
+        return result
+
+    payment = run.phase("payment", charge_card, atomic=False)
+
+    def write_receipt() -> int:
+        receipt = Charge.objects.create(amount=0, note=f"{note}:receipt")
+        stop("in-receipt")
+        return receipt.pk
+
+    receipt = run.phase("receipt", write_receipt)
+    body = {
+        "order": order,
+        "payment": payment,
+        "receipt": receipt,
+        "payment_key": run.foreign_key("payment"),
+        "resumed_after": run.resumed_after,
+        "run": uuid.uuid4().hex,
+    }
+    response = JsonResponse(body, status=201)
+    response["Location"] = f"/orders/{order}"
+    return response
+
+
+@idempotent(atomic=False)
+def phased_lease(request):
+    return _phased(request)
+
+
+@idempotent
+def phased_atomic(request):
+    return _phased(request)
+
+
+@idempotent(atomic=False, required=False)
+def phased_optional(request):
+    return _phased(request)
+
+
 def served_by(get_response):
     """Every answer names the worker process that gave it (never stored, never replayed)."""
 
@@ -101,4 +196,7 @@ urlpatterns = [
     path("effect/atomic/", effect_atomic),
     path("effect/lease/", effect_lease),
     path("count/lease/", count_lease),
+    path("phased/", phased_lease),
+    path("phased/atomic/", phased_atomic),
+    path("phased/optional/", phased_optional),
 ]

@@ -15,6 +15,7 @@ everywhere Redis does.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -32,6 +33,7 @@ from django_idempotency.models import IdempotencyKey
 from tests.models import Charge
 from tests.redis_support import Answer, assert_fresh_run, assert_replay_of, delete_keys, new_prefix
 from tests.reliability_support import Outcome, Server, retry_until_done, worker_database_url
+from tests.reliability_views import provider_ledger
 
 LEASE_SECONDS = 2.0
 CRASHES_PER_CASE = 2
@@ -135,6 +137,43 @@ def test_worker_killed_inside_the_view_leaves_one_effect_after_the_retries(
                 isinstance(answer, Answer) and answer.status == 409 for answer in result["answers"]
             ), "the dead worker's live lease kept nobody out"
         SURVIVED[f"database-{mode}-{where}"] = SURVIVED.get(f"database-{mode}-{where}", 0) + 1
+
+
+@row_locks
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("where", "provider_calls"),
+    [
+        pytest.param("after-order", 1, id="between-order-and-payment"),
+        pytest.param("after-provider-call", 2, id="after-the-providers-charge"),
+    ],
+)
+def test_phased_view_killed_between_phases_resumes_without_repeating_its_first_phase(
+    database_server, where, provider_calls
+):
+    """Issue 8: a retry after the kill resumes after the last recovery point.
+
+    Killed after the order phase committed, the retry creates no second order and calls the
+    provider once. Killed after the provider charged but before that phase's recovery point was
+    saved, the retry calls the provider again with the same derived key, and the provider,
+    which deduplicates by key, charges once.
+    """
+    for _ in range(CRASHES_PER_CASE):
+        note, key = uuid.uuid4().hex[:12], f"phased-{uuid.uuid4()}"
+
+        result = crash_and_retry(database_server, f"/phased/?note={note}", note, key, where)
+
+        body = json.loads(result["final"].content)
+        assert body["resumed_after"] == "order"
+        assert Charge.objects.filter(note=f"{note}:order").count() == 1
+        assert Charge.objects.filter(note=f"{note}:receipt").count() == 1
+        calls = provider_ledger(database_server.directory)[body["payment_key"]]
+        assert len(calls) == provider_calls
+        assert set(calls) == {body["payment"]["provider_charge"]}  # one charge
+        row = IdempotencyKey.objects.get(key=key)
+        assert [name for name, _ in row.recovery_points] == ["order", "payment", "receipt"]
+        assert result["stuck"] < LEASE_SECONDS + SLACK, result
+        SURVIVED[f"phased-{where}"] = SURVIVED.get(f"phased-{where}", 0) + 1
 
 
 # -- The cache store -------------------------------------------------------------------------
