@@ -137,6 +137,54 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
             stale = stale.filter(locked_until__isnull=False)
         return _delete_in_batches(stale, alias, batch_size, ("pk",))
 
+    def abandoned(self, *, lease: timedelta | None = None) -> IdempotencyKeyQuerySet:
+        """:meth:`stale` keys whose request stopped mid-way, after committing phases.
+
+        A retry with the key would resume after its last recovery point; these are the ones
+        no retry has come for (yet). ``lease`` as for :meth:`stale`.
+        """
+        return self.stale(lease=lease).filter(recovery_points__isnull=False)
+
+    def complete_abandoned(
+        self, *, status: int = 500, ttl: timedelta | None = None, using: str | None = None
+    ) -> int:
+        """Mark this queryset's :meth:`stale` keys finished, without a response; return the count.
+
+        For requests abandoned mid-way that an operator has settled by hand: a retry with the
+        key then never runs or resumes the work, and gets ``409 idempotency_response_not_stored``
+        (``IdempotencyResponseNotStored`` for a function) naming ``status`` as the original
+        status. The key is kept for ``ttl`` (default ``IDEMPOTENCY_TTL``) from now. Keys that
+        a live request holds are left alone: leases still running, and on databases with
+        ``SKIP LOCKED`` atomic-mode rows whose lock is held.
+        """
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError(f"status must be an HTTP status code (100-599), not {status!r}.")
+        alias = self._write_alias(using)
+        ttl = conf.IDEMPOTENCY_TTL if ttl is None else ttl
+        stale = self.stale().using(alias).order_by()
+        features = connections[alias].features
+        with transaction.atomic(using=alias):
+            if features.has_select_for_update_skip_locked:
+                stale = stale.select_for_update(skip_locked=True)
+            elif features.has_select_for_update:
+                # Without SKIP LOCKED a held atomic-mode row cannot be told from an abandoned one.
+                stale = stale.filter(locked_until__isnull=False).select_for_update()
+            pks = list(stale.values_list("pk", flat=True))
+            completed: int = (
+                self.model.objects.using(alias)
+                .filter(pk__in=pks, state=self.model.State.IN_PROGRESS)
+                .update(
+                    state=self.model.State.COMPLETED,
+                    response_status=status,
+                    response_headers=[],
+                    response_body=None,
+                    completed_at=Now(),
+                    expires_at=Now() + ttl,
+                    locked_until=None,
+                )
+            )
+        return completed
+
     def _write_alias(self, using: str | None) -> str:
         """``using``, else the database this queryset was pinned to, else the router's choice."""
         pinned: str | None = self._db  # type: ignore[attr-defined]
