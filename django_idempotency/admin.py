@@ -318,6 +318,8 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "headers_table",
         "body_display",
         "stored_response_hidden",
+        "phases_display",
+        "phases_table",
     )
 
     # Read-only: no add, no edit, no per-key delete.
@@ -361,8 +363,10 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         response: tuple[str, ...]
         if self._may_see_stored_response(request):
             response = ("status_display", "headers_table", "body_display")
+            phases = "phases_table"
         else:
             response = ("status_display", "stored_response_hidden")
+            phases = "phases_display"
         return (
             (None, {"fields": ("key", "scope", "state", "method", "path", "fingerprint_display")}),
             (
@@ -370,6 +374,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 {"fields": ("created_at", "completed_at", "expires_at", "expiry", "locked_until")},
             ),
             (_("Stored response"), {"fields": response}),
+            (_("Phases"), {"fields": (phases,)}),
             (_("Internals"), {"fields": ("owner_token",), "classes": ("collapse",)}),
         )
 
@@ -423,6 +428,27 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "\n",
             '<tr><th scope="row">{}</th><td><code>{}</code></td></tr>',
             ((name, value) for name, value in headers),
+        )
+        return format_html("<table>{}</table>", rows)
+
+    @admin.display(description=_("recovery points"))
+    def phases_display(self, obj: IdempotencyKey) -> str:
+        """Each committed phase's name, in order (their results can hold personal data)."""
+        points = obj.recovery_points or []
+        if not points:
+            return str(_("None: the request committed no phase."))
+        return ", ".join(str(name) for name, _result in points)
+
+    @admin.display(description=_("recovery points"))
+    def phases_table(self, obj: IdempotencyKey) -> SafeString | str:
+        """Each committed phase, in order, with its stored result."""
+        points = obj.recovery_points or []
+        if not points:
+            return self.phases_display(obj)
+        rows = format_html_join(
+            "",
+            "<tr><th>{}</th><td><code>{}</code></td></tr>",
+            ((name, json.dumps(result, ensure_ascii=False)) for name, result in points),
         )
         return format_html("<table>{}</table>", rows)
 

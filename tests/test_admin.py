@@ -157,6 +157,27 @@ def test_stored_responses_are_hidden_without_the_view_permission(client):
     assert key.key in page
 
 
+def test_recovery_points_are_shown_with_their_results_only_with_the_view_permission(client):
+    key = IdempotencyKeyFactory(
+        in_progress=True, recovery_points=[["order", 17], ["payment", {"charge": "ch_4242"}]]
+    )
+    client.force_login(staff("view_idempotencykey"))
+    page = detail(client, key)
+    assert "<th>order</th><td><code>17</code></td>" in page
+    assert "ch_4242" in page
+
+    client.force_login(staff("change_idempotencykey"))
+    page = detail(client, key)
+    assert "order, payment" in page
+    assert "ch_4242" not in page
+
+
+def test_a_key_without_phases_says_so(admin_client):
+    page = detail(admin_client, IdempotencyKeyFactory(completed=True))
+
+    assert "None: the request committed no phase." in page
+
+
 # -- The changelist -----------------------------------------------------------------------------
 
 
