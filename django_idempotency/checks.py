@@ -104,6 +104,29 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
             minimum=1,
         ),
         *_check_middleware_paths(),
+        *_check_serializer(),
+    ]
+
+
+def _check_serializer() -> CheckMessages:
+    setting, id = "IDEMPOTENCY_SERIALIZER", "django_idempotency.E019"
+    serializer, errors = _import(setting, conf.IDEMPOTENCY_SERIALIZER, id)
+    if errors:
+        return errors
+    missing = [name for name in ("dumps", "loads") if not callable(getattr(serializer, name, None))]
+    if not hasattr(serializer, "content_type"):
+        missing.append("content_type")
+    if isinstance(serializer, type) and not missing:
+        return []
+    return [
+        _error(
+            setting,
+            f"names {conf.IDEMPOTENCY_SERIALIZER!r}, which is not a serializer class"
+            + (f": it has no {', '.join(missing)}." if missing else "."),
+            id,
+            hint="A serializer class has content_type, dumps(value) -> bytes and "
+            "loads(bytes); see docs/functions.md.",
+        )
     ]
 
 

@@ -495,7 +495,7 @@ class Run:
                 self._phases_run.add(name)
                 return result
         store = self._store
-        if self._claim is not None and store is not None and not store.supports_phases:
+        if self._claim is not None and not getattr(store, "supports_phases", False):
             raise ImproperlyConfigured(
                 f"{type(store).__name__} cannot keep recovery points; phases need the "
                 "DatabaseStore."

@@ -157,6 +157,20 @@ BAD_SETTINGS = [
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1.5, "E013", "not 1.5 (float)"),
     ("IDEMPOTENCY_MIDDLEWARE_PATHS", "^/api/", "E018", "not '^/api/' (str)"),
     ("IDEMPOTENCY_MIDDLEWARE_PATHS", ["("], "E018", "which is not a regular expression"),
+    ("IDEMPOTENCY_SERIALIZER", "no.such.Serializer", "E019", "which cannot be imported"),
+    ("IDEMPOTENCY_SERIALIZER", 3, "E019", "must be a dotted path, not 3 (int)"),
+    (
+        "IDEMPOTENCY_SERIALIZER",
+        "tests.test_checks.NotAStore",
+        "E019",
+        "which is not a serializer class: it has no dumps, loads, content_type.",
+    ),
+    (
+        "IDEMPOTENCY_SERIALIZER",
+        "json.dumps",
+        "E019",
+        "which is not a serializer class: it has no dumps, loads, content_type.",
+    ),
 ]
 
 
@@ -194,6 +208,7 @@ def test_a_bad_setting_is_an_error_naming_it(settings, setting, value, check_id,
         ("IDEMPOTENCY_MAX_RESPONSE_SIZE", 0),
         ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1),
         ("IDEMPOTENCY_REPLAY_CACHE", None),
+        ("IDEMPOTENCY_SERIALIZER", "tests.test_functions.ReprSerializer"),
     ],
 )
 def test_good_values_pass(settings, setting, value):

@@ -50,6 +50,12 @@ SETTINGS = [
     ("IDEMPOTENCY_STORE_CACHE", "default", "idempotency", "idempotency"),
     ("IDEMPOTENCY_FAIL_OPEN", False, True, True),
     ("IDEMPOTENCY_MIDDLEWARE_PATHS", (), [r"^/api/"], (r"^/api/",)),
+    (
+        "IDEMPOTENCY_SERIALIZER",
+        "django_idempotency.functions.JSONSerializer",
+        "tests.test_functions.ReprSerializer",
+        "tests.test_functions.ReprSerializer",
+    ),
 ]
 
 
