@@ -28,6 +28,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_idempotency",
     "shop",
+    "agent",
 ]
 try:
     import drf_spectacular  # noqa: F401

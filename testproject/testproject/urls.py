@@ -12,6 +12,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("shop.urls")),
     path("api-auth/", include("rest_framework.urls")),
+    path("agent/", include("agent.urls")),
 ]
 
 if apps.is_installed("drf_spectacular"):
