@@ -1,0 +1,173 @@
+"""Idempotent Celery tasks: a message delivered many times has its effect once.
+
+Brokers deliver at least once: a worker that dies before acknowledging a message (``acks_late``),
+a visibility timeout that passes, a producer that re-publishes after a lost confirmation, all
+hand the same message to a worker again. :func:`idempotent_task` runs the task once per key,
+through :class:`~django_idempotency.functions.IdempotentCall` (the same core, store, modes
+and TTL as views and functions), and gives every later delivery the stored result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from typing import Any, TypeVar, overload
+
+from asgiref.sync import iscoroutinefunction
+from celery import Task
+from celery._state import get_current_task
+from celery.exceptions import Retry
+
+from django_idempotency.exceptions import IdempotencyKeyInProgress, IdempotencyKeyMissing
+from django_idempotency.functions import IdempotentCall, Serializer
+
+__all__ = ["idempotent_task"]
+
+Func = TypeVar("Func", bound=Callable[..., Any])
+
+
+@overload
+def idempotent_task(func: Func, /) -> Func: ...
+
+
+@overload
+def idempotent_task(
+    *,
+    key: Callable[..., Any] | None = None,
+    scope: str | None = None,
+    fingerprint: Callable[..., Any] | None = None,
+    ttl: timedelta | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+    serializer: Serializer | str | None = None,
+    retry_in_progress: bool = True,
+) -> Callable[[Func], Func]: ...
+
+
+def idempotent_task(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    key: Callable[..., Any] | None = None,
+    scope: str | None = None,
+    fingerprint: Callable[..., Any] | None = None,
+    ttl: timedelta | None = None,
+    atomic: bool | None = None,
+    wait: timedelta | None = None,
+    serializer: Serializer | str | None = None,
+    retry_in_progress: bool = True,
+) -> Any:
+    """Run a Celery task once per key; every later delivery returns the stored result.
+
+    Place it below the task decorator, with or without ``bind=True``::
+
+        @app.task(bind=True, acks_late=True)
+        @idempotent_task
+        def charge(self, order_id, amount): ...
+
+        @shared_task
+        @idempotent_task(key=lambda event: event["id"])
+        def handle_webhook(event): ...
+
+    * ``key``: a function of the task's arguments (without ``self``) returning the message's
+      own id, for redeliveries that arrive with a new task id (a webhook's event id, an outbox
+      row's id). By default the key is the task id, which every redelivery of one message
+      keeps (``acks_late`` after a crash, a visibility timeout, a producer publishing again
+      with the same ``task_id``);
+    * ``scope``: by default ``celery:<task name>``, so two tasks never share keys;
+    * ``fingerprint``: a function of the arguments whose JSON-serialisable result describes
+      the message; by default the arguments themselves. The key arriving with a different
+      fingerprint fails the task with :class:`IdempotencyKeyMismatch`;
+    * ``ttl``, ``atomic``, ``wait`` and ``serializer`` as for
+      :func:`~django_idempotency.functions.idempotent_call`. By default, on the database
+      store, the task runs inside the transaction that stores its result;
+    * ``retry_in_progress``: a delivery whose key another worker is still running is
+      published again for after ``Retry-After`` (1 s), and raises Celery's ``Retry``, as
+      ``task.retry()`` does, but without counting against the task's ``max_retries``: it
+      comes back until the key is free, then returns the stored result. With ``False``,
+      or in eager mode (``apply()``, ``task_always_eager``), or called directly, it raises
+      :class:`IdempotencyKeyInProgress` instead.
+
+    A task that raises stores nothing and frees its key (in the atomic mode its database
+    writes roll back), so Celery's own retry, or the next delivery, runs it again.
+    """
+
+    def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+        name = f"{func.__module__}.{func.__qualname__}"
+        if iscoroutinefunction(func):
+            raise TypeError(f"@idempotent_task cannot wrap the async function {name}.")
+
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            # bind=True passes the task itself first (a message's arguments are never tasks):
+            # it is not one of the message's arguments.
+            bound = bool(args) and isinstance(args[0], Task)
+            task = args[0] if bound else get_current_task()
+            arguments = args[1:] if bound else args
+            if key is not None:
+                call_key = key(*arguments, **kwargs)
+            else:
+                call_key = None if task is None else task.request.id
+            if call_key is None or call_key == "":
+                raise IdempotencyKeyMissing(
+                    f"{name} is an idempotent task and needs a key: run it through Celery "
+                    "(its task id is the key), or give @idempotent_task key=."
+                )
+            task_name = name if task is None else task.name
+            described: Any = (
+                [list(arguments), kwargs]
+                if fingerprint is None
+                else fingerprint(*arguments, **kwargs)
+            )
+            call = IdempotentCall(
+                call_key,
+                scope=scope or f"celery:{task_name}",
+                fingerprint=described,
+                ttl=ttl,
+                atomic=atomic,
+                wait=wait,
+                serializer=serializer,
+                name=task_name,
+            )
+            try:
+                call.__enter__()
+            except IdempotencyKeyInProgress as exc:
+                # A direct call has no message to publish again; eager mode (apply(),
+                # task_always_eager) would run the retry at once, ignoring its countdown.
+                if (
+                    not retry_in_progress
+                    or task is None
+                    or task.request.called_directly
+                    or task.request.is_eager
+                ):
+                    raise
+                raise _defer(task, exc) from None
+            try:
+                result = call.result if call.replayed else call.save(func(*args, **kwargs))
+            except BaseException as exc:
+                call.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            call.__exit__(None, None, None)
+            return result
+
+        wrapper.idempotent_task = name  # type: ignore[attr-defined]
+        return wrapper
+
+    if func is not None:
+        return decorator(func)
+    return decorator
+
+
+def _defer(task: Any, exc: IdempotencyKeyInProgress) -> Retry:
+    """Publish the message again for after ``Retry-After``; the ``Retry`` to raise.
+
+    Another worker runs this key: when it has finished, the message returns its stored
+    result (or runs, if that worker failed and freed the key). Unlike ``task.retry()`` this
+    keeps ``request.retries``, so the wait does not use up the task's ``max_retries``: a
+    redelivery after a crash in the lease mode must outlast the dead worker's lease.
+    """
+    countdown = exc.retry_after or 1
+    signature = task.signature_from_request(countdown=countdown)
+    signature.apply_async()
+    return Retry(exc=exc, when=countdown, sig=signature)
