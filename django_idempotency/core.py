@@ -6,6 +6,7 @@ Adapters (the decorator, the DRF mixin) only translate between their framework a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import heapq
 import itertools
@@ -15,15 +16,16 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
 from django.core.serializers.json import DjangoJSONEncoder
@@ -46,7 +48,14 @@ from django_idempotency.exceptions import (
     RequestInvalid,
     StoreUnavailable,
 )
-from django_idempotency.stores import ClaimRequest, KeyLocked, Record, Store, StoredResponse
+from django_idempotency.stores import (
+    ClaimRequest,
+    KeyLocked,
+    PhasedStore,
+    Record,
+    Store,
+    StoredResponse,
+)
 
 logger = logging.getLogger("django_idempotency")
 
@@ -326,6 +335,7 @@ class Run:
         self._heartbeat: _Heartbeat | None = None
         self._failed = False
         self._done = False
+        self._concluded = False
         self._context: Any = None
         self._stored: StoredResponse | None = None
         #: Set when the claim replaced another request's record: "expired" or "abandoned".
@@ -355,6 +365,11 @@ class Run:
     def claimed(self) -> bool:
         """Whether this run owns its key (``False`` without a key, or when failing open)."""
         return self._claim is not None
+
+    @property
+    def holds_transaction(self) -> bool:
+        """Whether the work runs in the atomic mode's transaction, which it may still undo."""
+        return self._transaction is not None
 
     @property
     def resumed_after(self) -> str | None:
@@ -436,6 +451,7 @@ class Run:
         """
         if self._claim is None or self._done:
             return None
+        self._concluded = True
         if self._failed:
             self._close(None)
             return None
@@ -486,23 +502,28 @@ class Run:
         the JSON round trip, on the first run as on a resumed one, so that the code after a
         phase sees the same value either way. Recovery points need the lease mode
         (``atomic=False`` on the view or function) and a store that keeps them
-        (``DatabaseStore``).
+        (``DatabaseStore``). Sync only: an async view awaits :meth:`aphase`.
         """
+        if self._done or self._concluded:
+            raise RuntimeError(
+                f"The phase {name!r} comes after its request or call has finished (its result "
+                "is saved, or it was replayed): there is nothing left to protect it."
+            )
+        if _in_event_loop():
+            raise RuntimeError(
+                f"The phase {name!r} was run from async code: use await run.aphase(...)."
+            )
         if name in self._phases_run:
             raise ValueError(f"The phase {name!r} has already run in this request.")
         for done, result in self._points:
             if done == name:
                 self._phases_run.add(name)
                 return result
-        store = self._store
-        if self._claim is not None and not getattr(store, "supports_phases", False):
-            raise ImproperlyConfigured(
-                f"{type(store).__name__} cannot keep recovery points; phases need the "
-                "DatabaseStore."
-            )
+        store = self._phased_store()
         with ExitStack() as stack:
             if atomic:
-                stack.enter_context(_phase_transaction(store))
+                using = None if store is None else store.transaction_alias()
+                stack.enter_context(db_transaction.atomic(using=using))
             value = _json_round_trip(function(), what=f"The phase {name!r}")
             if self._claim is not None and store is not None:
                 points = (*self._points, (name, value))
@@ -511,6 +532,22 @@ class Run:
                 self._points = points
         self._phases_run.add(name)
         return value
+
+    async def aphase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
+        """:meth:`phase` for async views: ``function`` (sync) runs in the request's thread."""
+        return await sync_to_async(self.phase)(name, function, atomic=atomic)
+
+    def _phased_store(self) -> PhasedStore | None:
+        """The store, for a run that owns its key; ``None`` for an unprotected run."""
+        if self._claim is None:
+            return None
+        store = self._store
+        if not getattr(store, "supports_phases", False):
+            raise ImproperlyConfigured(
+                f"{type(store).__name__} cannot keep recovery points; phases need the "
+                "DatabaseStore."
+            )
+        return cast(PhasedStore, store)
 
     def foreign_key(self, name: str) -> str:
         """The idempotency key for the call ``name`` to another service, derived from this key.
@@ -650,9 +687,8 @@ class Run:
     def _release_lease(self) -> None:
         """End the lease of a claim with committed phases now, so a retry may resume at once."""
         assert self._claim is not None
-        assert self._store is not None
         try:
-            self._store.renew(self._claim, lease=timedelta(0))
+            cast(PhasedStore, self._store).end_lease(self._claim)
         except (StoreUnavailable, KeyLocked):
             logger.exception("Could not end the lease of idempotency key %r.", self._claim.key)
 
@@ -742,12 +778,12 @@ def _completed(record: Record, claim: ClaimRequest) -> Record:
     return record
 
 
-@contextmanager
-def _phase_transaction(store: Store | None) -> Iterator[None]:
-    """An atomic phase's transaction: on the store's database, where its recovery point goes."""
-    using = getattr(store, "transaction_alias", None)
-    with db_transaction.atomic(using=using() if callable(using) else None):
-        yield
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _json_round_trip(value: Any, *, what: str) -> Any:

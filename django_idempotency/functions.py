@@ -187,23 +187,43 @@ class IdempotentCall:
         return self._run.claimed
 
     def save(self, result: Any) -> Any:
-        """Store ``result`` for every later call with this key, and return it."""
+        """Store ``result`` for every later call with this key; return it as they will get it.
+
+        That is, as the serializer gives it back (JSON: a tuple becomes a list, a ``Decimal``
+        a string), on the first call as on every replay.
+        """
         if self.replayed:
             raise RuntimeError("This call was replayed: there is nothing to save.")
         if self._saved:
             raise RuntimeError("This call's result has been saved already.")
-        data = self.serializer.dumps(result)
+        headers = [("Content-Type", self.serializer.content_type)]
+        try:
+            data = self.serializer.dumps(result)
+        except Exception as exc:
+            if not self._run.holds_transaction:
+                # The lease mode: the work has run and its effects stay. Record it as done,
+                # without a result, so that no retry runs it again (they get
+                # IdempotencyResponseNotStored). The atomic mode rolls it all back instead.
+                self._run.conclude(StoredResponse(status=200, headers=headers, body=None))
+                self._saved = True
+            raise TypeError(
+                f"{self.name} returned a result that {type(self.serializer).__name__} cannot "
+                f"store: {exc}. Return plain data, or pass serializer=."
+            ) from exc
         # Too large: later calls get IdempotencyResponseNotStored; the call is done all the same.
         body = data if len(data) <= conf.IDEMPOTENCY_MAX_RESPONSE_SIZE else None
-        headers = [("Content-Type", self.serializer.content_type)]
         error = self._run.conclude(StoredResponse(status=200, headers=headers, body=body))
         if error is not None:
             raise error  # the atomic mode rolled the work back: nothing happened
         self._saved = True
-        return result
+        # What every later call gets, so that the code after the call sees the same value on
+        # the first run as on a replay.
+        return result if body is None else self.serializer.loads(body)
 
     def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
         """Run one named phase of the work once for this key; see :meth:`core.Run.phase`."""
+        if self.replayed:
+            raise RuntimeError(f"This call was replayed: its phase {name!r} must not run.")
         return self._run.phase(name, function, atomic=atomic)
 
     def foreign_key(self, name: str) -> str:

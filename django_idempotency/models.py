@@ -43,6 +43,15 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         """
         return self.filter(self._stale_q(conf.IDEMPOTENCY_LOCK_TTL if lease is None else lease))
 
+    def _releasable_q(self) -> Q:
+        """Stale keys that may be deleted before their TTL: none with recovery points.
+
+        A key with recovery points is a request abandoned mid-way (see :meth:`abandoned`):
+        deleting it would make its retry run its committed phases again. It goes when its TTL
+        passes, or by :meth:`complete_abandoned`.
+        """
+        return self._stale_q(conf.IDEMPOTENCY_LOCK_TTL) & Q(recovery_points__isnull=True)
+
     def _stale_q(self, lease: timedelta) -> Q:
         return Q(state=self.model.State.IN_PROGRESS) & (
             Q(locked_until__lte=Now()) | Q(locked_until__isnull=True, created_at__lte=Now() - lease)
@@ -65,7 +74,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
             | Q(locked_until__lte=Now())
         )
         if stale_leases:
-            return self.filter(expired | self._stale_q(conf.IDEMPOTENCY_LOCK_TTL))
+            return self.filter(expired | self._releasable_q())
         return self.filter(expired)
 
     def purge(
@@ -125,12 +134,13 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         """Delete this queryset's :meth:`stale` keys that no live request holds; return the count.
 
         Releasing frees the key, as the core does when a view raises: the next request with
-        that key runs the view.
+        that key runs the view. Keys abandoned mid-way, with recovery points, are kept for
+        their retry to resume (see :meth:`abandoned`).
         """
         return sum(self._release_batches(self._write_alias(using), _batch_size(batch_size)))
 
     def _release_batches(self, alias: str, batch_size: int) -> Iterator[int]:
-        stale = self.stale()
+        stale = self.filter(self._releasable_q())
         features = connections[alias].features
         if features.has_select_for_update and not features.has_select_for_update_skip_locked:
             # Without SKIP LOCKED a held atomic-mode row cannot be told from an abandoned one.
@@ -146,22 +156,29 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         return self.stale(lease=lease).filter(recovery_points__isnull=False)
 
     def complete_abandoned(
-        self, *, status: int = 500, ttl: timedelta | None = None, using: str | None = None
+        self,
+        *,
+        status: int = 500,
+        ttl: timedelta | None = None,
+        all_stale: bool = False,
+        using: str | None = None,
     ) -> int:
-        """Mark this queryset's :meth:`stale` keys finished, without a response; return the count.
+        """Mark this queryset's :meth:`abandoned` keys finished, without a response; the count.
 
         For requests abandoned mid-way that an operator has settled by hand: a retry with the
         key then never runs or resumes the work, and gets ``409 idempotency_response_not_stored``
         (``IdempotencyResponseNotStored`` for a function) naming ``status`` as the original
-        status. The key is kept for ``ttl`` (default ``IDEMPOTENCY_TTL``) from now. Keys that
-        a live request holds are left alone: leases still running, and on databases with
-        ``SKIP LOCKED`` atomic-mode rows whose lock is held.
+        status. The key is kept for ``ttl`` (default ``IDEMPOTENCY_TTL``) from now. With
+        ``all_stale``, every :meth:`stale` key, also those that stopped before any phase (a
+        retry would otherwise run them afresh). Keys that a live request holds are left alone:
+        leases still running, and on databases with ``SKIP LOCKED`` atomic-mode rows whose
+        lock is held.
         """
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise ValueError(f"status must be an HTTP status code (100-599), not {status!r}.")
         alias = self._write_alias(using)
         ttl = conf.IDEMPOTENCY_TTL if ttl is None else ttl
-        stale = self.stale().using(alias).order_by()
+        stale = (self.stale() if all_stale else self.abandoned()).using(alias).order_by()
         features = connections[alias].features
         with transaction.atomic(using=alias):
             if features.has_select_for_update_skip_locked:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -95,8 +96,6 @@ class Store(Protocol):
 
     #: Whether :meth:`lock` is available (the atomic mode).
     supports_atomic: bool
-    #: Whether :meth:`save_recovery_points` is available (phases with recovery points).
-    supports_phases: bool
 
     def get(self, *, scope: str, key: str) -> Record | None:
         """The key's record, without locking it, or ``None``."""
@@ -120,15 +119,34 @@ class Store(Protocol):
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
         """Extend the caller's lease; ``False`` once the caller no longer owns the key."""
 
+
+class PhasedStore(Store, Protocol):
+    """A store that keeps recovery points, for phases: optional, flagged by ``supports_phases``.
+
+    A claim that takes over an abandoned record (unfinished, live, same fingerprint, lease
+    passed) keeps its recovery points, in the returned record's ``recovery_points``; any other
+    claim starts with none.
+    """
+
+    supports_phases: bool
+
+    def transaction_alias(self) -> str:
+        """The database whose transactions commit a phase's writes with its recovery point."""
+
     def save_recovery_points(
         self, claim: ClaimRequest, points: tuple[tuple[str, Any], ...]
     ) -> bool:
         """Replace the caller's recovery points; ``False`` once the caller no longer owns the key.
 
         Written in the caller's transaction, if it is in one, so that an atomic phase's writes
-        and its recovery point commit together. A claim that takes over an abandoned record
-        (same fingerprint, lease passed) keeps its recovery points; any other claim starts
-        with none.
+        and its recovery point commit together.
+        """
+
+    def end_lease(self, claim: ClaimRequest) -> bool:
+        """Give up the caller's unfinished claim, keeping its recovery points for a retry.
+
+        The lease ends now and the owner token is replaced, so that nothing the caller still
+        has in flight (a late heartbeat) can renew it. ``False`` if the caller did not own it.
         """
 
 
@@ -290,6 +308,13 @@ class DatabaseStore:
         with _translate_errors():
             updated: int = self._owned(claim).update(
                 recovery_points=[[name, result] for name, result in points]
+            )
+        return updated == 1
+
+    def end_lease(self, claim: ClaimRequest) -> bool:
+        with _translate_errors():
+            updated: int = self._owned(claim).update(
+                locked_until=Now(), owner_token=uuid.uuid4().hex
             )
         return updated == 1
 
@@ -788,15 +813,6 @@ class CacheStore:
 
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
         return bool(self._run(_LUA_RENEW, claim.scope, claim.key, claim.token, _ms(lease)))
-
-    def save_recovery_points(
-        self, claim: ClaimRequest, points: tuple[tuple[str, Any], ...]
-    ) -> bool:
-        # An atomic phase's recovery point must commit with its database writes, which Redis
-        # cannot do.
-        raise ImproperlyConfigured(
-            "CacheStore cannot keep recovery points; phases need the DatabaseStore."
-        )
 
 
 def _ms(duration: timedelta) -> int:

@@ -15,6 +15,7 @@ import fcntl
 import os
 import time
 import uuid
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,26 @@ def phased_optional(request):
     return _phased(request)
 
 
+@idempotent
+async def phased_async(request):
+    """The same checkout as an async view (always the lease mode), awaiting ``aphase``."""
+    run = request.idempotency
+    note = request.GET.get("note", "")
+    order = await run.aphase(
+        "order", lambda: Charge.objects.create(amount=7, note=f"{note}:order").pk
+    )
+    if request.headers.get("X-Fail") == "after-order":
+        raise SimulatedFailure("after-order")
+    payment = await run.aphase(
+        "payment", lambda: provider_charge(run.foreign_key("payment"), 7), atomic=False
+    )
+    receipt = await run.aphase(
+        "receipt", lambda: Charge.objects.create(amount=0, note=f"{note}:receipt").pk
+    )
+    body = {"order": order, "payment": payment, "receipt": receipt}
+    return JsonResponse({**body, "resumed_after": run.resumed_after}, status=201)
+
+
 def served_by(get_response):
     """Every answer names the worker process that gave it (never stored, never replayed)."""
 
@@ -199,4 +220,22 @@ urlpatterns = [
     path("phased/", phased_lease),
     path("phased/atomic/", phased_atomic),
     path("phased/optional/", phased_optional),
+    path("phased/async/", phased_async),
 ]
+
+if find_spec("rest_framework"):
+    from rest_framework.views import APIView
+
+    from django_idempotency.rest_framework import IdempotentMixin
+
+    class PhasedAPIView(IdempotentMixin, APIView):
+        """The checkout as a DRF view: the run is on DRF's request too."""
+
+        authentication_classes: list[type] = []
+        permission_classes: list[type] = []
+        idempotency_atomic = False
+
+        def post(self, request):
+            return _phased(request)
+
+    urlpatterns.append(path("phased/drf/", PhasedAPIView.as_view()))

@@ -292,7 +292,8 @@ def test_results_come_back_as_the_serializer_gives_them(store):
         Charge.objects.create(amount=amount)
         return {"price": Decimal("9.90"), "tags": ("a", "b")}
 
-    assert priced(5, idempotency_key="k") == {"price": Decimal("9.90"), "tags": ("a", "b")}
+    # The first call gets what every replay gets: the result as JSON gives it back.
+    assert priced(5, idempotency_key="k") == {"price": "9.90", "tags": ["a", "b"]}
     assert priced(5, idempotency_key="k") == {"price": "9.90", "tags": ["a", "b"]}
 
 
@@ -577,3 +578,33 @@ def test_an_unreachable_store_raises_unless_failing_open(offline_store, settings
 def test_the_json_serializer_round_trips_what_json_can_hold():
     serializer = JSONSerializer()
     assert serializer.loads(serializer.dumps({"a": [1, None, "x"]})) == {"a": [1, None, "x"]}
+
+
+def test_a_result_the_serializer_cannot_store_is_not_run_again_in_the_lease_mode(store):
+    runs = []
+
+    @idempotent_function(atomic=False)
+    def returns_a_model(amount):
+        runs.append(amount)
+        return Charge.objects.create(amount=amount)
+
+    with pytest.raises(TypeError, match=r"returns_a_model returned a result that JSONSerializer"):
+        returns_a_model(5, idempotency_key="k")
+
+    # Its effect stays (the lease mode cannot undo it), and no retry repeats it.
+    with pytest.raises(IdempotencyResponseNotStored):
+        returns_a_model(5, idempotency_key="k")
+    assert runs == [5]
+    assert Charge.objects.count() == 1
+
+
+def test_a_replayed_call_refuses_to_run_a_phase(store):
+    with idempotent_call("k", scope="s", atomic=False) as call:
+        call.save(1)
+    ran = []
+    with (
+        idempotent_call("k", scope="s", atomic=False) as call,
+        pytest.raises(RuntimeError, match="replayed: its phase 'p' must not run"),
+    ):
+        call.phase("p", lambda: ran.append(1))
+    assert ran == []

@@ -16,6 +16,7 @@ from django_idempotency.exceptions import IdempotencyResponseNotStored
 from django_idempotency.functions import idempotent_call
 from django_idempotency.models import IdempotencyKey
 from tests.factories import IdempotencyKeyFactory
+from tests.models import Charge
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.urls("tests.reliability_views")]
 
@@ -138,8 +139,8 @@ def test_a_completed_abandoned_call_raises_not_stored_for_functions():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--status", "abc"], "--status must be an HTTP status code"),
-        (["--status", "99"], "--status must be an HTTP status code"),
+        (["--status", "abc"], "argument --status: must be an HTTP status code"),
+        (["--status", "99"], "argument --status: must be an HTTP status code"),
         (["--database", "nope"], "no database 'nope'"),
     ],
 )
@@ -157,3 +158,39 @@ def test_the_cache_store_has_no_abandoned_requests(settings):
     settings.IDEMPOTENCY_STORE = "django_idempotency.stores.CacheStore"
     with pytest.raises(CommandError, match="keeps no recovery points"):
         run()
+
+
+def test_purging_and_releasing_stale_keys_keep_keys_abandoned_mid_way():
+    abandon("mid-way")
+    died = IdempotencyKeyFactory(key="died-early", in_progress=True)
+    IdempotencyKey.objects.filter(pk=died.pk).update(locked_until=Now() - timedelta(minutes=1))
+
+    assert IdempotencyKey.objects.release_stale() == 1
+    assert IdempotencyKey.objects.purge(stale_leases=True) == 0
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["mid-way"]
+
+    # Its retry still resumes: one order, not two.
+    retry = Client().post(
+        "/phased/?note=n", {"amount": 7}, "application/json", headers={"Idempotency-Key": "mid-way"}
+    )
+    assert retry.json()["resumed_after"] == "order"
+    assert Charge.objects.filter(note="n:order").count() == 1
+
+
+def test_an_expired_abandoned_key_is_purged():
+    abandon("mid-way")
+    IdempotencyKey.objects.update(expires_at=Now() - timedelta(seconds=1))
+
+    assert IdempotencyKey.objects.purge() == 1
+
+
+def test_complete_abandoned_leaves_stale_keys_without_phases_unless_asked():
+    abandon("mid-way")
+    died = IdempotencyKeyFactory(key="died-early", in_progress=True)
+    IdempotencyKey.objects.filter(pk=died.pk).update(locked_until=Now() - timedelta(minutes=1))
+
+    assert IdempotencyKey.objects.complete_abandoned() == 1
+    assert IdempotencyKey.objects.get(key="died-early").state == IdempotencyKey.State.IN_PROGRESS
+
+    assert "Completed 1 key" in run("--all", "--complete")
+    assert IdempotencyKey.objects.get(key="died-early").state == IdempotencyKey.State.COMPLETED

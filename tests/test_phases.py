@@ -242,3 +242,86 @@ def test_an_abandoned_key_past_its_ttl_starts_afresh_without_points(client):
     assert fresh.json()["resumed_after"] is None
     assert effects()["orders"] == 2
     assert IdempotencyKey.objects.get(key="k").recovery_point == "receipt"
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "lease"])
+def test_a_phase_after_the_result_is_saved_is_refused(atomic):
+    with idempotent_call("k", scope="s", atomic=atomic) as call:
+        call.save(1)
+        with pytest.raises(RuntimeError, match="after its request or call has finished"):
+            call.phase("late", lambda: Charge.objects.create(amount=1))
+    assert Charge.objects.count() == 0
+
+
+def test_an_atomic_phase_whose_key_was_taken_over_rolls_back_its_writes():
+    def take_over():
+        Charge.objects.create(amount=1, note="phase")
+        IdempotencyKey.objects.filter(key="k").update(owner_token=uuid.uuid4().hex)
+        return 1
+
+    with (
+        pytest.raises(IdempotencyLeaseLost),
+        idempotent_call("k", scope="s", atomic=False) as call,
+    ):
+        call.phase("one", take_over)
+
+    assert not Charge.objects.filter(note="phase").exists()
+
+
+def test_a_failed_attempts_ended_lease_cannot_be_renewed_by_its_late_heartbeat(client):
+    from django_idempotency.stores import ClaimRequest, DatabaseStore
+
+    post(client, "k", fail="after-order")
+    row = IdempotencyKey.objects.get(key="k")
+    # What the failed attempt's heartbeat would send, had it been in flight: its claim.
+    old = ClaimRequest(
+        scope=row.scope,
+        key=row.key,
+        fingerprint=row.fingerprint,
+        method="POST",
+        path="/phased/",
+        token="0" * 32,
+        ttl=timedelta(hours=1),
+    )
+    IdempotencyKey.objects.filter(pk=row.pk).update(owner_token=old.token)
+    store = DatabaseStore()
+    assert store.end_lease(old)
+
+    assert not store.renew(old, lease=timedelta(seconds=30))
+    ended = IdempotencyKey.objects.annotate(db_now=Now()).get(pk=row.pk)
+    assert ended.locked_until <= ended.db_now
+    assert ended.owner_token != old.token
+    assert post(client, "k").json()["resumed_after"] == "order"
+
+
+def test_an_async_view_runs_phases_with_aphase(client):
+    first = post(client, "k", url="/phased/async/", fail="after-order")
+    assert first.status_code == 500
+    retry = post(client, "k", url="/phased/async/")
+
+    assert retry.status_code == 201
+    assert retry.json()["resumed_after"] == "order"
+    assert effects() == ONCE
+
+
+def test_a_sync_phase_called_from_async_code_says_to_await_aphase():
+    import asyncio
+
+    from django_idempotency.core import Run
+
+    async def main():
+        with pytest.raises(RuntimeError, match=r"use await run.aphase"):
+            Run().phase("p", lambda: 1)
+
+    asyncio.run(main())
+
+
+def test_a_drf_view_finds_its_run_on_the_request(client):
+    pytest.importorskip("rest_framework")
+    first = post(client, "k", url="/phased/drf/", fail="after-order")
+    assert first.status_code == 500
+    retry = post(client, "k", url="/phased/drf/")
+
+    assert retry.status_code == 201
+    assert retry.json()["resumed_after"] == "order"
+    assert effects() == ONCE

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+from argparse import ArgumentTypeError
+from json import dumps
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -22,7 +23,8 @@ def _status(text: str) -> int:
     except ValueError:
         status = 0
     if not 100 <= status <= 599:
-        raise CommandError(f"--status must be an HTTP status code (100-599), not {text!r}.")
+        # argparse's own error: a usage message and exit status 2, as for any bad argument.
+        raise ArgumentTypeError(f"must be an HTTP status code (100-599), not {text!r}")
     return status
 
 
@@ -61,44 +63,57 @@ class Command(BaseCommand):
             help="The database of the keys (default: where the router writes IdempotencyKey).",
         )
 
-    def handle(self, **options: Any) -> None:
+    def handle(
+        self,
+        *,
+        all: bool,
+        scope: str | None,
+        key: str | None,
+        complete: bool,
+        status: int,
+        json: bool,
+        database: str | None,
+        **options: Any,
+    ) -> None:
         store = get_store()
         if not getattr(store, "supports_phases", False):
             raise CommandError(
                 f"IDEMPOTENCY_STORE is {conf.IDEMPOTENCY_STORE}, which keeps no recovery "
                 "points: requests abandoned mid-way exist only with the DatabaseStore."
             )
-        database = options["database"] or router.db_for_write(IdempotencyKey)
+        database = database or router.db_for_write(IdempotencyKey)
         if database not in connections.settings:
             known = ", ".join(sorted(connections.settings))
             raise CommandError(f"--database: no database {database!r} (configured: {known}).")
         keys = IdempotencyKey.objects.using(database)
-        keys = keys.stale() if options["all"] else keys.abandoned()
-        if options["scope"] is not None:
-            keys = keys.filter(scope=options["scope"])
-        if options["key"] is not None:
-            keys = keys.filter(key=options["key"])
+        keys = keys.stale() if all else keys.abandoned()
+        if scope is not None:
+            keys = keys.filter(scope=scope)
+        if key is not None:
+            keys = keys.filter(key=key)
         try:
             rows = list(keys.annotate(db_now=Now()).order_by("created_at", "pk")[:LIMIT])
             count = keys.count()
             completed = None
-            if options["complete"]:
-                completed = keys.complete_abandoned(status=options["status"], using=database)
+            if complete:
+                completed = keys.complete_abandoned(status=status, all_stale=all, using=database)
+        except ValueError as exc:  # a bad status given through call_command()
+            raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
             raise CommandError(f"Could not read the keys: {exc}") from exc
         listed = [_describe(row) for row in rows]
-        if options["json"]:
+        if json:
             report: dict[str, Any] = {"count": count, "keys": listed}
             if completed is not None:
                 report["completed"] = completed
-            self.stdout.write(json.dumps(report, indent=2))
+            self.stdout.write(dumps(report, indent=2))
             return
-        self._print(listed, count, options["all"])
+        self._print(listed, count, all)
         if completed is not None:
             self.stdout.write(
                 self.style.SUCCESS(
                     f"Completed {completed:,} {_keys(completed)} without a response (original "
-                    f"status {options['status']}): retries get 409 and never run again."
+                    f"status {status}): retries get 409 and never run again."
                 )
             )
 
