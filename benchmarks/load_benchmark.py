@@ -13,7 +13,8 @@ What it does, in one go:
    ``idempotency_bench_small`` and ``idempotency_bench_large``) on PostgreSQL
    (``postgres://postgres@127.0.0.1:5432/postgres``, or ``$BENCH_POSTGRES_URL``) or, with
    ``--database mariadb``, on MariaDB (``mysql://root@127.0.0.1:3306/test``, or
-   ``$BENCH_MARIADB_URL``), and empties Redis database 15 (``$BENCH_REDIS_URL``).
+   ``$BENCH_MARIADB_URL``), and empties Redis database 15 (or the one ``$BENCH_REDIS_URL``
+   names).
 2. Installs each of the other Django idempotency packages from PyPI into its own virtualenv
    under ``benchmarks/.work/peers/`` (once; later runs reuse them) and records what happened.
 3. Serves the testproject's ``bench`` app with gunicorn (``--workers`` sync workers per server):
@@ -31,8 +32,9 @@ What it does, in one go:
 6. Scaling: replays and first executions with ``--small-keys`` (1,000) and ``--large-keys``
    (1,000,000, filled with ``generate_series`` / MariaDB's sequence engine) keys in the table,
    and the bytes stored per key.
-7. Prints the tables, writes them and a chart (``docs/img/performance-load.png``) into
-   ``docs/performance.md`` (unless ``--no-docs``), stops every server and drops its databases
+7. Prints the tables, writes them and a chart (``docs/img/performance-load.png``, or
+   ``performance-load-mariadb.png``) into ``docs/performance.md``'s section for that database
+   (unless ``--no-docs``), stops every server and drops its databases
    (unless ``--keep``), also on Ctrl-C or failure.
 
 The load generator and the servers share this machine's cores: compare ratios between
@@ -63,8 +65,16 @@ TESTPROJECT = ROOT / "testproject"
 WORK = ROOT / "benchmarks" / ".work"
 LUA = ROOT / "benchmarks" / "idempotency_keys.lua"
 DOCS = ROOT / "docs" / "performance.md"
-CHART = ROOT / "docs" / "img" / "performance-load.png"
-START, END = "<!-- load-benchmark:start -->", "<!-- load-benchmark:end -->"
+# Each database has its own section and chart in the docs, so a MariaDB run never overwrites
+# the PostgreSQL figures (or the other way round).
+CHARTS = {
+    "postgresql": ROOT / "docs" / "img" / "performance-load.png",
+    "mariadb": ROOT / "docs" / "img" / "performance-load-mariadb.png",
+}
+MARKERS = {
+    "postgresql": ("<!-- load-benchmark:start -->", "<!-- load-benchmark:end -->"),
+    "mariadb": ("<!-- load-benchmark-mariadb:start -->", "<!-- load-benchmark-mariadb:end -->"),
+}
 DATABASE = "idempotency_bench"
 SMALL_DATABASE, LARGE_DATABASE = "idempotency_bench_small", "idempotency_bench_large"
 KEY_TABLE = "django_idempotency_idempotencykey"
@@ -441,8 +451,12 @@ def flush_redis() -> str:
     import redis
 
     client = redis.Redis.from_url(redis_url())
-    client.flushdb()  # database 15 belongs to this benchmark
+    client.flushdb()  # this database (15 unless BENCH_REDIS_URL names another) is the benchmark's
     return str(client.info("server")["redis_version"])
+
+
+def redis_database() -> int:
+    return int(urlsplit(redis_url()).path.lstrip("/") or 0)
 
 
 def request(
@@ -836,7 +850,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
         for peer in peers:
             say(f"{peer.name} {peer.version}: {peer.problem or 'installed'}")
 
-    say(f"creating databases on {database.label()}; emptying Redis database 15")
+    say(f"creating databases on {database.label()}; emptying Redis database {redis_database()}")
     redis_version = flush_redis()
     databases = [DATABASE] + ([SMALL_DATABASE, LARGE_DATABASE] if arguments.scaling else [])
     for name in databases:
@@ -1106,12 +1120,12 @@ def report(arguments: argparse.Namespace, result: dict[str, Any]) -> str:
     lines += [
         "",
         f"![Throughput of each scenario relative to the baseline, and its p50 and p99 "
-        f"latency](img/{CHART.name})",
+        f"latency](img/{CHARTS[arguments.database].name})",
     ]
     return "\n".join(lines)
 
 
-def chart(result: dict[str, Any]) -> None:
+def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1151,18 +1165,19 @@ def chart(result: dict[str, Any]) -> None:
         fontsize=10,
     )
     figure.tight_layout()
-    CHART.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(CHART, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def write_docs(figures: str) -> None:
+def write_docs(figures: str, database: str) -> None:
+    start, end = MARKERS[database]
     content = DOCS.read_text(encoding="utf-8")
-    if START not in content or END not in content:
-        raise SystemExit(f"{DOCS} has no {START} ... {END} section to write into")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{START}\n{figures}\n{END}{tail}", encoding="utf-8")
+    if start not in content or end not in content:
+        raise SystemExit(f"{DOCS} has no {start} ... {end} section to write into")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    DOCS.write_text(f"{head}{start}\n{figures}\n{end}{tail}", encoding="utf-8")
 
 
 def targets(result: dict[str, Any]) -> list[str]:
@@ -1263,9 +1278,10 @@ def main() -> None:
     for line in targets(result):
         say(line)
     if not arguments.no_docs:
-        chart(result)
-        write_docs(figures)
-        say(f"figures written into {DOCS.relative_to(ROOT)} and {CHART.relative_to(ROOT)}")
+        chart_path = CHARTS[arguments.database]
+        chart(result, chart_path)
+        write_docs(figures, arguments.database)
+        say(f"figures written into {DOCS.relative_to(ROOT)} and {chart_path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
