@@ -90,7 +90,10 @@ def idempotent_task(
       :class:`IdempotencyKeyInProgress` instead.
 
     A task that raises stores nothing and frees its key (in the atomic mode its database
-    writes roll back), so Celery's own retry, or the next delivery, runs it again.
+    writes roll back), so Celery's own retry, or the next delivery, runs it again, unless it
+    committed phases: the task body finds its call as ``task.request.idempotency`` (``self``
+    for a bound task, else ``celery.current_task``), and a delivery after a failure resumes
+    after the last phase committed (with ``atomic=False``; see docs/phases.md).
     """
 
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -143,6 +146,10 @@ def idempotent_task(
                 ):
                     raise
                 raise _defer(task, exc) from None
+            if task is not None:
+                # For phases and foreign keys in the task body, as request.idempotency in a
+                # view: self.request.idempotency.phase(...).
+                task.request.idempotency = call
             try:
                 result = call.result if call.replayed else call.save(func(*args, **kwargs))
             except BaseException as exc:

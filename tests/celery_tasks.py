@@ -61,6 +61,23 @@ def flaky(message: str, failures: int) -> dict[str, Any]:
     return result
 
 
+@app.task(bind=True)
+@idempotent_task(atomic=False)
+def import_file(self: Any, message: str) -> dict[str, Any]:
+    """Two phases; the first run for ``message`` fails between them, as a lost worker would."""
+    call = self.request.idempotency
+    download = call.phase(
+        "download", lambda: Charge.objects.create(amount=1, note=f"{message}:download").pk
+    )
+    if FAILURES.get(message, 0) < 1:
+        FAILURES[message] = 1
+        raise ConnectionError(f"lost the connection after downloading {message}")
+    imported = call.phase(
+        "import", lambda: Charge.objects.create(amount=2, note=f"{message}:import").pk
+    )
+    return {"download": download, "import": imported, "resumed_after": call.resumed_after}
+
+
 def _record(**event: Any) -> None:
     if path := os.environ.get("CELERY_TEST_EVENTS"):
         # One short write with O_APPEND: lines of concurrent processes never interleave.

@@ -57,6 +57,21 @@ def test_task_applied_three_times_with_one_task_id_has_one_effect():
     assert row.state == IdempotencyKey.State.COMPLETED
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_after_a_failure_resumes_after_the_tasks_last_phase():
+    message, task_id = new_message(), str(uuid.uuid4())
+
+    with pytest.raises(ConnectionError, match="after downloading"):
+        celery_tasks.import_file.apply((message,), task_id=task_id).get()
+    result = celery_tasks.import_file.apply((message,), task_id=task_id).get()
+    again = celery_tasks.import_file.apply((message,), task_id=task_id).get()
+
+    assert result["resumed_after"] == "download"
+    assert again == result
+    assert Charge.objects.filter(note=f"{message}:download").count() == 1
+    assert Charge.objects.filter(note=f"{message}:import").count() == 1
+
+
 @pytest.mark.django_db
 def test_task_applied_with_new_task_ids_runs_each_time():
     message = new_message()
