@@ -60,6 +60,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from docs_section import write_section  # benchmarks/, the script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTPROJECT = ROOT / "testproject"
 WORK = ROOT / "benchmarks" / ".work"
@@ -1172,12 +1174,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def write_docs(figures: str, database: str) -> None:
     start, end = MARKERS[database]
-    content = DOCS.read_text(encoding="utf-8")
-    if start not in content or end not in content:
-        raise SystemExit(f"{DOCS} has no {start} ... {end} section to write into")
-    head, rest = content.split(start, 1)
-    _, tail = rest.split(end, 1)
-    DOCS.write_text(f"{head}{start}\n{figures}\n{end}{tail}", encoding="utf-8")
+    write_section(DOCS, start, end, figures)
 
 
 def targets(result: dict[str, Any]) -> list[str]:

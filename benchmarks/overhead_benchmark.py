@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from docs_section import write_section  # benchmarks/, the script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
 BENCHMARK_DATABASE = "idempotency_overhead_bench"
@@ -375,12 +377,7 @@ def report(arguments: argparse.Namespace, version: str, scenarios: list[Scenario
 
 
 def write_docs(figures: str) -> None:
-    content = DOCS.read_text(encoding="utf-8")
-    if START not in content or END not in content:
-        raise SystemExit(f"{DOCS} has no {START} ... {END} section to write into")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{START}\n{figures}\n{END}{tail}", encoding="utf-8")
+    write_section(DOCS, START, END, figures)
 
 
 def say(message: str) -> None:

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from docs_section import write_section  # benchmarks/, the script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "purge.md"
 BENCHMARK_DATABASE = "idempotency_purge_benchmark"
@@ -570,15 +572,6 @@ def shorten(sql: str) -> str:
         '"django_idempotency_idempotencykey"', "keys"
     )
     return re.sub(r"^SELECT (.{60}).*? FROM", r"SELECT \1... FROM", sql, flags=re.S)
-
-
-def write_section(path: Path, start: str, end: str, text: str) -> None:
-    content = path.read_text(encoding="utf-8")
-    if start not in content or end not in content:
-        raise SystemExit(f"{path} has no {start} ... {end} section to write into")
-    head, rest = content.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
 
 
 def say(message: str) -> None:

@@ -20,7 +20,7 @@ from celery._state import get_current_task
 from celery.exceptions import Retry
 
 from django_idempotency.exceptions import IdempotencyKeyInProgress, IdempotencyKeyMissing
-from django_idempotency.functions import IdempotentCall, Serializer
+from django_idempotency.functions import IdempotentCall, Serializer, describe_arguments
 
 __all__ = ["idempotent_task"]
 
@@ -118,45 +118,39 @@ def idempotent_task(
                     "(its task id is the key), or give @idempotent_task key=."
                 )
             task_name = name if task is None else task.name
-            described: Any = (
-                [list(arguments), kwargs]
-                if fingerprint is None
-                else fingerprint(*arguments, **kwargs)
-            )
             call = IdempotentCall(
                 call_key,
                 scope=scope or f"celery:{task_name}",
-                fingerprint=described,
+                fingerprint=describe_arguments(fingerprint, arguments, kwargs),
                 ttl=ttl,
                 atomic=atomic,
                 wait=wait,
                 serializer=serializer,
                 name=task_name,
             )
+
+            def work() -> Any:
+                if task is not None:
+                    # For phases and foreign keys in the task body, as request.idempotency in
+                    # a view: self.request.idempotency.phase(...).
+                    task.request.idempotency = call
+                return func(*args, **kwargs)
+
             try:
-                call.__enter__()
+                return call.run(work)
             except IdempotencyKeyInProgress as exc:
-                # A direct call has no message to publish again; eager mode (apply(),
+                # Only when the key was held on the way in (the call never claimed it): a
+                # direct call has no message to publish again, and eager mode (apply(),
                 # task_always_eager) would run the retry at once, ignoring its countdown.
                 if (
-                    not retry_in_progress
+                    call.claimed
+                    or not retry_in_progress
                     or task is None
                     or task.request.called_directly
                     or task.request.is_eager
                 ):
                     raise
                 raise _defer(task, exc) from None
-            if task is not None:
-                # For phases and foreign keys in the task body, as request.idempotency in a
-                # view: self.request.idempotency.phase(...).
-                task.request.idempotency = call
-            try:
-                result = call.result if call.replayed else call.save(func(*args, **kwargs))
-            except BaseException as exc:
-                call.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            call.__exit__(None, None, None)
-            return result
 
         wrapper.idempotent_task = name  # type: ignore[attr-defined]
         return wrapper

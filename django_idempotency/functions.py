@@ -220,6 +220,11 @@ class IdempotentCall:
         # the first run as on a replay.
         return result if body is None else self.serializer.loads(body)
 
+    def run(self, work: Callable[[], Any]) -> Any:
+        """The whole call: enter, then the stored result, or ``work()``'s result saved; leave."""
+        with self:
+            return self.result if self.replayed else self.save(work())
+
     def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
         """Run one named phase of the work once for this key; see :meth:`core.Run.phase`."""
         if self.replayed:
@@ -355,13 +360,10 @@ def idempotent_function(
                 call_scope = scope(*args, **kwargs)
             else:
                 call_scope = scope
-            described: Any = (
-                [list(args), kwargs] if fingerprint is None else fingerprint(*args, **kwargs)
-            )
             return IdempotentCall(
                 call_key,
                 scope=call_scope,
-                fingerprint=described,
+                fingerprint=describe_arguments(fingerprint, args, kwargs),
                 ttl=ttl,
                 atomic=atomic,
                 wait=wait,
@@ -398,10 +400,7 @@ def idempotent_function(
             call = prepare(args, kwargs, False)
             if call is None:
                 return func(*args, **kwargs)
-            with call:
-                if call.replayed:
-                    return call.result
-                return call.save(func(*args, **kwargs))
+            return call.run(lambda: func(*args, **kwargs))
 
         wrapper.idempotent_function = name  # type: ignore[attr-defined]
         return wrapper
@@ -412,6 +411,14 @@ def idempotent_function(
 
 
 # -- Keys, fingerprints and errors ------------------------------------------------------------
+
+
+def describe_arguments(
+    fingerprint: Callable[..., Any] | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """What a call's fingerprint is computed from: ``fingerprint(*args, **kwargs)``, by default
+    the arguments themselves."""
+    return [list(args), kwargs] if fingerprint is None else fingerprint(*args, **kwargs)
 
 
 def _call_key(key: Any) -> str:

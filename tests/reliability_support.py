@@ -58,9 +58,11 @@ class Server:
         workers: int = 2,
         settings: str = "tests.reliability_settings",
         timeout: int = 120,
+        ready_path: str = "/ready/",
         **env: str,
     ) -> None:
         self.directory = directory
+        self.ready_path = ready_path
         self.port = free_port()
         self.log = directory / f"gunicorn-{self.port}.log"
         full_env = {
@@ -93,7 +95,7 @@ class Server:
             if self.process.poll() is not None:
                 pytest.fail(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
             try:
-                if self.request("GET", "/ready/", timeout=1).status == 200:
+                if self.request("GET", self.ready_path, timeout=1).status == 200:
                     return
             except OSError:
                 pass

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from importlib.util import find_spec
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from django.db import connection
 
-from tests.reliability_support import TIMEOUT, Server
+from tests.reliability_support import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTPROJECT = ROOT / "testproject"
@@ -83,20 +82,6 @@ agent = _load_client()
 class DemoServer(Server):
     """``Server`` serving the demo project (``testproject.settings``) instead of the tests'."""
 
-    def wait_until_ready(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if self.request("GET", "/agent/tools/", timeout=1).status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"gunicorn was not ready after {TIMEOUT} s:\n{self.output()}")
-            time.sleep(0.1)
-
     @property
     def tools(self) -> str:
         return f"http://127.0.0.1:{self.port}/agent/tools"
@@ -139,6 +124,7 @@ def server(tmp_path_factory, demo_database) -> Iterator[DemoServer]:
         tmp_path_factory.mktemp("agent-server"),
         workers=4,
         settings=environment.pop("DJANGO_SETTINGS_MODULE"),
+        ready_path="/agent/tools/",  # the demo project has no /ready/
         **environment,
     )
     try:
