@@ -74,6 +74,14 @@ class IdempotencyKeyChangeList(ChangeList):
         queryset = super().get_queryset(request, exclude_parameters)
         return queryset.defer("response_headers", "response_body")
 
+    def get_ordering_field(self, field_name: Any) -> Any:
+        # ``?o=`` numbers the columns of ``list_display``, and Django sorts by any of them that
+        # maps to a field, whether ``sortable_by`` offers it or not: the URL would sort by
+        # columns the list does not sort (and whole tables with them). Only those it offers.
+        if self.sortable_by is not None and field_name not in self.sortable_by:
+            return None
+        return super().get_ordering_field(field_name)
+
     def get_ordering(self, request: HttpRequest, queryset: Any) -> list[Any]:
         if (
             self.params.get(ExpiryFilter.parameter_name) == "expired"
@@ -254,8 +262,11 @@ class MethodFilter(admin.SimpleListFilter):
         return [(method, method) for method in methods]
 
     def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        # Only a method the filter offers, as the other filters ignore values they do not
+        # offer: any other string went to the database as it came (PostgreSQL refuses a NUL).
         value = self.value()
-        return queryset.filter(method=value) if value else queryset
+        offered = {method for method, _title in self.lookup_choices}
+        return queryset.filter(method=value) if value in offered else queryset
 
 
 # -- The admin ---------------------------------------------------------------------------------
@@ -342,6 +353,30 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return IdempotencyKeyChangeList
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        """Only the parameters that the list's own links carry: its filters and its dates.
+
+        Django allows a URL lookup on any of the model's own fields (``?response_body__contains=``,
+        ``?recovery_points__0__1__charge=``): a user who may not see stored responses could
+        find them out one guess at a time, from which keys the list shows. A lookup refused
+        here is Django's ``DisallowedModelAdminLookup``, a 400 response. Search (``q``), sorting
+        (``o``) and the page (``p``) are not lookups: each is restricted where it is used.
+        """
+        allowed: set[str] = set()
+        prefixes: list[str] = []
+        for item in self.get_list_filter(request):
+            if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
+                allowed.add(str(item.parameter_name))
+                continue
+            field = item[0] if isinstance(item, (list, tuple)) else item
+            if isinstance(field, str):
+                # A field filter that a subclass adds: its parameters (``scope__exact``,
+                # ``scope__isnull``...) all start with the field that the subclass chose.
+                prefixes.append(f"{field}__")
+        if self.date_hierarchy:
+            allowed.update(f"{self.date_hierarchy}__{part}" for part in ("year", "month", "day"))
+        return lookup in allowed or lookup.startswith(tuple(prefixes))
 
     def get_search_results(
         self, request: HttpRequest, queryset: Any, search_term: str

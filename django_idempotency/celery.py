@@ -18,9 +18,15 @@ from asgiref.sync import iscoroutinefunction
 from celery import Task
 from celery._state import get_current_task
 from celery.exceptions import Retry
+from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.exceptions import IdempotencyKeyInProgress, IdempotencyKeyMissing
-from django_idempotency.functions import IdempotentCall, Serializer, describe_arguments
+from django_idempotency.functions import (
+    IdempotentCall,
+    Serializer,
+    check_call_options,
+    describe_arguments,
+)
 
 __all__ = ["idempotent_task"]
 
@@ -96,10 +102,28 @@ def idempotent_task(
     after the last phase committed (with ``atomic=False``; see docs/phases.md).
     """
 
+    if func is not None and not callable(func):
+        raise TypeError(f"@idempotent_task takes a function, or options by keyword, not {func!r}.")
+
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
         name = f"{func.__module__}.{func.__qualname__}"
         if iscoroutinefunction(func):
             raise TypeError(f"@idempotent_task cannot wrap the async function {name}.")
+        check_call_options(
+            f"@idempotent_task on {name}",
+            key=key,
+            scope=scope,
+            fingerprint=fingerprint,
+            ttl=ttl,
+            atomic=atomic,
+            wait=wait,
+            serializer=serializer,
+            retry_in_progress=retry_in_progress,
+        )
+        if scope is not None and not isinstance(scope, str):
+            raise ImproperlyConfigured(
+                f"@idempotent_task on {name}: scope must be a string, not {scope!r}."
+            )
 
         @wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -1,26 +1,42 @@
 """System checks for django-idempotency's settings and database.
 
 Ids are stable and never reused; each is described on the docs' checks page. A setting of the
-wrong type is reported here, at startup, rather than by the first request that reads it.
+wrong type is reported here, by ``manage.py check`` (and every command that runs checks), and
+by :func:`ensure_valid_settings` where no check runs (gunicorn, uvicorn): before the first
+covered request is processed.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import re
-from datetime import timedelta
+import threading
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
-from django_idempotency.conf import conf
+from django_idempotency.conf import (
+    SAFE_METHODS,
+    TOKEN,
+    InvalidValue,
+    Settings,
+    conf,
+    describe,
+    validate_bool,
+    validate_duration,
+    validate_integer,
+    validate_methods,
+)
 
 CheckMessages = list[checks.CheckMessage]
 
-# RFC 9110 "token": the characters a header field name (and a method name) may hold.
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+logger = logging.getLogger("django_idempotency")
 # What core calls on a store (the ``Store`` protocol in ``stores.py``).
 _STORE_METHODS = ("get", "claim", "lock", "complete", "release", "renew")
 # Cache backends whose entries other processes cannot see.
@@ -46,18 +62,22 @@ _MIDDLEWARE_BEFORE = (
 
 def register() -> None:
     checks.register(check_settings)
+    checks.register(check_unknown_settings)
     checks.register(check_middleware)
     checks.register(check_store_cache, checks.Tags.caches)
     checks.register(check_replay_cache, checks.Tags.caches)
     checks.register(check_database, checks.Tags.database)
 
 
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
+_describe = describe
 
 
 def _error(setting: str, problem: str, id: str, hint: str | None = None) -> checks.Error:
     return checks.Error(f"{setting} {problem}", hint=hint, id=id)
+
+
+def _invalid(setting: str, exc: InvalidValue, id: str) -> CheckMessages:
+    return [_error(setting, exc.problem, id, hint=exc.hint)]
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
@@ -197,7 +217,7 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
 
 def _check_header() -> CheckMessages:
     value = conf.IDEMPOTENCY_HEADER
-    if isinstance(value, str) and _TOKEN.match(value):
+    if isinstance(value, str) and TOKEN.match(value):
         return []
     return [
         _error(
@@ -210,26 +230,20 @@ def _check_header() -> CheckMessages:
 
 
 def _check_bool(setting: str, value: object, id: str) -> CheckMessages:
-    if isinstance(value, bool):
-        return []
-    return [_error(setting, f"must be True or False, not {_describe(value)}.", id)]
+    try:
+        validate_bool(value)
+    except InvalidValue as exc:
+        return _invalid(setting, exc, id)
+    return []
 
 
 def _check_methods() -> CheckMessages:
     # Read as written: conf normalises the value (a str would become a set of letters).
-    value = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
-        isinstance(method, str) and _TOKEN.match(method) for method in value
-    ):
-        return [
-            _error(
-                "IDEMPOTENCY_METHODS",
-                f"must be a list or tuple of HTTP method names, not {_describe(value)}.",
-                "django_idempotency.E003",
-                hint='For example ("POST", "PATCH", "PUT", "DELETE").',
-            )
-        ]
-    safe = sorted({method.upper() for method in value} & _SAFE_METHODS)
+    try:
+        methods = validate_methods(getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH")))
+    except InvalidValue as exc:
+        return _invalid("IDEMPOTENCY_METHODS", exc, "django_idempotency.E003")
+    safe = sorted(methods & SAFE_METHODS)
     if not safe:
         return []
     return [
@@ -243,26 +257,19 @@ def _check_methods() -> CheckMessages:
 
 
 def _check_duration(setting: str, value: object, id: str, *, zero_allowed: bool) -> CheckMessages:
-    if isinstance(value, timedelta) and (
-        value > timedelta(0) or (zero_allowed and value == timedelta(0))
-    ):
-        return []
-    wanted = "a datetime.timedelta of zero or more" if zero_allowed else "a positive timedelta"
-    return [
-        _error(
-            setting,
-            f"must be {wanted}, not {_describe(value)}.",
-            id,
-            hint=f"Durations are timedelta objects: {setting} = timedelta(seconds=30).",
-        )
-    ]
+    try:
+        validate_duration(value, assign=f"{setting} = ", zero_allowed=zero_allowed)
+    except InvalidValue as exc:
+        return _invalid(setting, exc, id)
+    return []
 
 
 def _check_integer(setting: str, value: object, id: str, *, minimum: int) -> CheckMessages:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-        return []
-    wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
-    return [_error(setting, f"must be {wanted}, not {_describe(value)}.", id)]
+    try:
+        validate_integer(value, minimum=minimum)
+    except InvalidValue as exc:
+        return _invalid(setting, exc, id)
+    return []
 
 
 def _import(setting: str, path: object, id: str) -> tuple[Any, CheckMessages]:
@@ -351,7 +358,7 @@ def _unbounded(alias: str, config: dict[str, Any], setting: str) -> CheckMessage
             "timeout (5 seconds in redis-py 8, none before) instead of answering 503 at once.",
             hint=(
                 f"Set CACHES[{alias!r}]['OPTIONS'] = {{'SOCKET_CONNECT_TIMEOUT': 1, "
-                "'SOCKET_TIMEOUT': 1}} (seconds); see the docs' stores page."
+                "'SOCKET_TIMEOUT': 1} (seconds); see the docs' stores page."
             ),
             id="django_idempotency.W005",
         )
@@ -473,3 +480,82 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
             )
         )
     return messages
+
+
+def check_unknown_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """W009: an ``IDEMPOTENCY_*`` setting that this app does not read (a misspelling)."""
+    known = _known_settings()
+    messages: CheckMessages = []
+    for name in sorted(dir(settings)):
+        if not name.startswith("IDEMPOTENCY_") or name in known:
+            continue
+        # Compared without the prefix, which every name shares and would make any two alike.
+        prefix = len("IDEMPOTENCY_")
+        suffixes = sorted(known_name[prefix:] for known_name in known)
+        wrong = name[prefix:]
+        # A known name extended or cut short (IDEMPOTENCY_TTL_SECONDS), else a misspelling.
+        matches = sorted(
+            (known for known in suffixes if wrong.startswith(known) or known.startswith(wrong)),
+            key=len,
+            reverse=True,
+        ) or difflib.get_close_matches(wrong, suffixes, n=1, cutoff=0.6)
+        closest = [f"IDEMPOTENCY_{match}" for match in matches[:1]]
+        messages.append(
+            checks.Warning(
+                f"{name} is not a django-idempotency setting, so it has no effect.",
+                hint=f"Did you mean {closest[0]}?" if closest else "See the docs' settings page.",
+                id="django_idempotency.W009",
+            )
+        )
+    return messages
+
+
+def _known_settings() -> frozenset[str]:
+    return frozenset(name for name in vars(Settings) if name.startswith("IDEMPOTENCY_"))
+
+
+# -- The checks where `manage.py check` never runs --------------------------------------------
+#
+# gunicorn and uvicorn import the project without running system checks, so a setting of the
+# wrong type would surface as a database error in the middle of a request (a TTL of 3600
+# cannot be added to a date). The first covered request (and IdempotencyMiddleware when the
+# server loads it) runs the settings' checks: errors stop it with the checks' own messages;
+# warnings are logged once.
+
+_validated = threading.Event()
+
+
+def ensure_valid_settings() -> None:
+    """Raise ``ImproperlyConfigured`` with the checks' messages if a setting is wrong.
+
+    Cheap after the first success (a flag, reset when a setting changes, as under
+    ``override_settings``). Warnings (a misspelled setting name) are logged once.
+    """
+    if _validated.is_set():
+        return
+    messages = [
+        *check_settings(),
+        *check_unknown_settings(),
+        *check_store_cache(),
+        *check_replay_cache(),
+    ]
+    errors = [message for message in messages if message.is_serious()]
+    if errors:
+        raise ImproperlyConfigured(
+            "django-idempotency is misconfigured (manage.py check reports the same):\n"
+            + "\n".join(_format(message) for message in errors)
+        )
+    for message in messages:
+        logger.warning("%s", _format(message))
+    _validated.set()
+
+
+def _format(message: checks.CheckMessage) -> str:
+    hint = f" HINT: {message.hint}" if message.hint else ""
+    return f"({message.id}) {message.msg}{hint}"
+
+
+@receiver(setting_changed)
+def _revalidate(*, setting: str, **kwargs: Any) -> None:
+    if setting.startswith("IDEMPOTENCY_") or setting == "CACHES":
+        _validated.clear()

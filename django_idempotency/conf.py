@@ -23,6 +23,75 @@ DEFAULT_SCOPE = "django_idempotency.core.user_scope"
 DEFAULT_FINGERPRINT = "django_idempotency.core.request_fingerprint"
 DEFAULT_SERIALIZER = "django_idempotency.functions.JSONSerializer"
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# RFC 9110 "token": the characters a header field name (and a method name) may hold.
+TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+# -- Validators ---------------------------------------------------------------------------
+#
+# One set, used by the system checks (for settings) and by every adapter's per-view or
+# per-function options (the decorator, the mixin, idempotent_function, the Celery helper):
+# a value is refused with the same sentence wherever it enters.
+
+
+class InvalidValue(ValueError):
+    """A setting's or an option's value, refused.
+
+    ``problem`` completes a sentence that starts with the value's name ("IDEMPOTENCY_TTL
+    must be ..."); ``hint`` says how to fix it, when that adds something.
+    """
+
+    def __init__(self, problem: str, hint: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.hint = hint
+
+
+def describe(value: object) -> str:
+    """``value`` as an error message shows it: its repr and its type."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def validate_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidValue(f"must be True or False, not {describe(value)}.")
+    return value
+
+
+def validate_methods(value: object) -> frozenset[str]:
+    """A collection of HTTP method names, upper-cased. A string is refused: it is a sequence
+    of letters, and ``"POST"`` would otherwise mean the methods P, O, S and T."""
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(method, str) and TOKEN.match(method) for method in value
+    ):
+        raise InvalidValue(
+            f"must be a list or tuple of HTTP method names, not {describe(value)}.",
+            hint='For example ("POST", "PATCH", "PUT", "DELETE").',
+        )
+    return frozenset(method.upper() for method in value)
+
+
+def validate_duration(value: object, *, assign: str, zero_allowed: bool) -> timedelta:
+    """A ``timedelta`` (positive, or zero too). ``assign`` is how the user sets it
+    (``IDEMPOTENCY_TTL = ``, ``ttl=``, ``idempotency_ttl = ``), for the hint."""
+    if isinstance(value, timedelta) and (
+        value > timedelta(0) or (zero_allowed and value == timedelta(0))
+    ):
+        return value
+    wanted = "a datetime.timedelta of zero or more" if zero_allowed else "a positive timedelta"
+    raise InvalidValue(
+        f"must be {wanted}, not {describe(value)}.",
+        hint=f"Durations are timedelta objects: {assign}timedelta(seconds=30).",
+    )
+
+
+def validate_integer(value: object, *, minimum: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
+    raise InvalidValue(f"must be {wanted}, not {describe(value)}.")
+
 
 class Settings:
     """Read ``IDEMPOTENCY_*`` settings at call time, with their defaults.

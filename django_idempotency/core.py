@@ -7,6 +7,7 @@ Adapters (the decorator, the DRF mixin) only translate between their framework a
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import heapq
 import itertools
@@ -18,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from io import BytesIO
 from types import TracebackType
@@ -36,7 +37,18 @@ from django.http.multipartparser import MultiPartParserError
 from django.http.response import HttpResponseBase
 
 from django_idempotency import signals
-from django_idempotency.conf import conf, get_fingerprint_function, get_scope_function, get_store
+from django_idempotency.checks import ensure_valid_settings
+from django_idempotency.conf import (
+    SAFE_METHODS,
+    InvalidValue,
+    conf,
+    get_fingerprint_function,
+    get_scope_function,
+    get_store,
+    validate_bool,
+    validate_duration,
+    validate_methods,
+)
 from django_idempotency.exceptions import (
     IdempotencyError,
     IdempotencyKeyInProgress,
@@ -62,7 +74,6 @@ logger = logging.getLogger("django_idempotency")
 _Value = TypeVar("_Value")
 _Run = TypeVar("_Run", bound="Run")
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 MAX_KEY_LENGTH = 255
 REPLAYED_HEADER = "Idempotent-Replayed"
 
@@ -86,15 +97,59 @@ NEVER_STORED_HEADERS = frozenset(
 )
 
 
+def _validate_ttl(value: object, name: str) -> timedelta:
+    return validate_duration(value, assign=f"{name}=", zero_allowed=False)
+
+
+def _validate_wait(value: object, name: str) -> timedelta:
+    return validate_duration(value, assign=f"{name}=", zero_allowed=True)
+
+
+_OPTION_VALIDATORS: dict[str, Callable[[object, str], object]] = {
+    "required": lambda value, name: validate_bool(value),
+    "ttl": _validate_ttl,
+    "methods": lambda value, name: validate_methods(value),
+    "atomic": lambda value, name: validate_bool(value),
+    "wait": _validate_wait,
+}
+
+
+def option_error(owner: str, name: str, exc: InvalidValue) -> ImproperlyConfigured:
+    """The error for the option ``name`` of ``owner`` (a view, a function, a task)."""
+    hint = f" {exc.hint}" if exc.hint else ""
+    return ImproperlyConfigured(f"{owner}: {name} {exc.problem}{hint}")
+
+
 @dataclass(frozen=True)
 class Options:
-    """Per-view options; ``None`` means "use the setting"."""
+    """Per-view options; ``None`` means "use the setting".
+
+    Each value is validated when the options are made, by the validators the settings'
+    checks use: an adapter makes them when it wraps the view (at import, or at ``as_view()``),
+    so a wrong type or value is an ``ImproperlyConfigured`` naming the view and the option
+    there, never an error at request time. ``methods`` is kept as a frozenset, upper-cased.
+    """
 
     required: bool | None = None
     ttl: timedelta | None = None
     methods: Iterable[str] | None = None
     atomic: bool | None = None
     wait: timedelta | None = None
+    #: For error messages: what the options belong to ("@idempotent on shop.views.pay"), and
+    #: how its options are spelled ("idempotency_" for the mixin's attributes).
+    owner: str = field(default="Options", compare=False, repr=False)
+    prefix: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, validate in _OPTION_VALIDATORS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            spelled = self.prefix + name
+            try:
+                object.__setattr__(self, name, validate(value, spelled))
+            except InvalidValue as exc:
+                raise option_error(self.owner, spelled, exc) from None
 
     @property
     def covered_methods(self) -> frozenset[str]:
@@ -163,25 +218,42 @@ def request_fingerprint(request: HttpRequest) -> str:
     """The default ``IDEMPOTENCY_FINGERPRINT``: a SHA-256 of the request's meaning.
 
     Covers the method, the path, the query string (order of parameters ignored, the order of
-    a repeated parameter's values kept) and the body. A JSON body is re-encoded canonically,
-    a form body's fields are sorted by name, a multipart body is read as fields and files, so
-    key order, whitespace, field order and the multipart boundary do not matter.
+    a repeated parameter's values kept) and the body. A JSON body is re-encoded canonically
+    (numbers kept as written), a form body's fields are sorted by name, a multipart body is
+    read as fields and files, so key order, whitespace, escapes, field order and the
+    multipart boundary do not matter. A ``charset`` other than UTF-8 in the Content-Type
+    changes how Django and DRF decode the query and body, so it is part of the fingerprint.
     """
-    query = _sorted_pairs(_parse_pairs(request.META.get("QUERY_STRING", "")))
-    head = json.dumps([request.method, request.path, query], ensure_ascii=False)
+    charset = _charset(request)
+    query = _sorted_pairs(_parse_pairs(request.META.get("QUERY_STRING", ""), charset))
+    parts: list[Any] = [request.method, request.path, query]
+    if charset != "utf-8":
+        parts.append(charset)  # only then: UTF-8 requests keep the fingerprints they had
+    head = json.dumps(parts, ensure_ascii=False)
     digest = hashlib.sha256(head.encode("utf-8", "surrogatepass"))
-    kind, body = _canonical_body(request)
+    kind, body = _canonical_body(request, charset)
     digest.update(b"\0" + kind.encode() + b"\0")
     digest.update(body)
     return digest.hexdigest()
 
 
-def _parse_pairs(text: str) -> list[tuple[str, str]]:
+def _charset(request: HttpRequest) -> str:
+    """The codec Django decodes the request's query and form body with (and DRF its JSON
+    body): the Content-Type's valid charset, else DEFAULT_CHARSET; by its canonical name."""
+    name = request.encoding or settings.DEFAULT_CHARSET
+    try:
+        return codecs.lookup(name).name
+    except LookupError:  # pragma: no cover - Django keeps only charsets that codecs knows
+        return name.lower()
+
+
+def _parse_pairs(text: str, charset: str = "utf-8") -> list[tuple[str, str]]:
     """A query string's or form body's pairs, within Django's DATA_UPLOAD_MAX_NUMBER_FIELDS."""
     try:
         return parse_qsl(
             text,
             keep_blank_values=True,
+            encoding=charset,
             errors="surrogateescape",
             max_num_fields=settings.DATA_UPLOAD_MAX_NUMBER_FIELDS,
         )
@@ -193,7 +265,7 @@ def _sorted_pairs(pairs: Iterable[tuple[str, _Value]]) -> list[tuple[str, _Value
     return sorted(pairs, key=lambda pair: pair[0])  # stable: a repeated name keeps its order
 
 
-def _canonical_body(request: HttpRequest) -> tuple[str, bytes]:
+def _canonical_body(request: HttpRequest, charset: str = "utf-8") -> tuple[str, bytes]:
     content_type = request.content_type or ""
     try:
         if content_type == "multipart/form-data":
@@ -205,16 +277,44 @@ def _canonical_body(request: HttpRequest) -> tuple[str, bytes]:
         raise RequestInvalid() from exc
     if content_type == "application/json" or content_type.endswith("+json"):
         try:
-            data = json.loads(body)
-            text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            # DRF decodes with the charset; json.loads(bytes) detects UTF-8, -16 and -32.
+            data = _loads(body if charset == "utf-8" else body.decode(charset))
+            text = _canonical_json(data)
         except (ValueError, RecursionError):
             return "raw", body  # not JSON after all: the view decides what to answer
         return "json", text.encode("utf-8", "surrogatepass")
     if content_type == "application/x-www-form-urlencoded":
-        text = body.decode("utf-8", "surrogateescape")
-        encoded = json.dumps(_sorted_pairs(_parse_pairs(text)), ensure_ascii=True)
+        text = body.decode("ascii", "surrogateescape")  # percent-escapes decode per charset
+        encoded = json.dumps(_sorted_pairs(_parse_pairs(text, charset)), ensure_ascii=True)
         return "form", encoded.encode()
     return "raw", body
+
+
+class _Number(str):
+    """A JSON number as written: ``0.1`` and ``0.10000000000000001`` are different requests
+    to a view that parses numbers as ``Decimal``, though they are one float."""
+
+
+def _loads(text: str | bytes) -> Any:
+    return json.loads(text, parse_float=_Number, parse_int=_Number, parse_constant=_Number)
+
+
+def _canonical_json(value: Any) -> str:
+    """``value`` re-encoded with sorted keys, no whitespace and its numbers as written."""
+    if isinstance(value, _Number):
+        return str(value)
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join(f"{_string(k)}:{_canonical_json(v)}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical_json(item) for item in value) + "]"
+    if isinstance(value, str):
+        return _string(value)
+    return json.dumps(value)  # true, false, null
+
+
+def _string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _canonical_multipart(request: HttpRequest) -> bytes:
@@ -380,6 +480,7 @@ class Run:
 
     def start(self, claim: ClaimRequest, context: Any = None) -> Record | None:
         """Claim ``claim``'s key; ``context`` (the request, or ``None``) goes to the signals."""
+        ensure_valid_settings()  # where no `manage.py check` ran: before any store call
         store = get_store()
         atomic = self._atomic_mode(store)
         self._context = context
@@ -718,6 +819,7 @@ class Execution(Run):
         )
 
     def begin(self, request: Any) -> HttpResponse | None:
+        ensure_valid_settings()  # first: IDEMPOTENCY_METHODS decides what is covered
         options = self.options
         http_request = getattr(request, "_request", request)  # a DRF Request wraps Django's
         http_request.idempotency = self  # for phases and foreign keys, also without a key
@@ -729,10 +831,15 @@ class Execution(Run):
             if required:
                 raise IdempotencyKeyMissing()
             return None
+        key = parse_key(raw_key)
+        if not storable(http_request.path):
+            raise RequestInvalid(RequestInvalid.unstorable_path_detail)
+        fingerprint = _fingerprint(http_request)
+        _check_body_complete(http_request)
         claim = ClaimRequest(
             scope=_scope(request),
-            key=parse_key(raw_key),
-            fingerprint=_fingerprint(http_request),
+            key=key,
+            fingerprint=fingerprint,
             method=http_request.method,
             path=http_request.path[:2048],
             token=uuid.uuid4().hex,
@@ -762,10 +869,53 @@ def _fingerprint(request: HttpRequest) -> str:
 
 
 def _fit(value: str, length: int) -> str:
-    """A custom scope or fingerprint too long for its column, replaced by its digest."""
-    if len(value) <= length:
+    """A custom scope or fingerprint too long for its column, or holding text no database
+    can store (NUL, lone surrogates: a scope made of a header, say), replaced by its digest."""
+    if len(value) <= length and storable(value):
         return value
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def storable(text: str) -> bool:
+    """Whether every database can store ``text``: PostgreSQL's text holds no NUL, and no
+    database's UTF-8 holds a lone surrogate."""
+    if "\0" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_body_complete(request: HttpRequest) -> None:
+    """Refuse a body shorter than its Content-Length (a client or proxy that gave up half
+    way): the view would run on the part that arrived, and its answer would be stored."""
+    try:
+        expected = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return  # Django reads such a body as empty, and so did the fingerprint
+    if expected <= 0:
+        return
+    body = getattr(request, "_body", None)  # read already, by the fingerprint or the view
+    if isinstance(body, bytes):
+        received = len(body)
+    elif request.content_type == "multipart/form-data":
+        # A POST's multipart body is parsed from the stream (files spill to disk), which
+        # Django's parser reads to its end: what it read is all that came. Known only once the
+        # body was parsed (the default fingerprint does); never read into memory here.
+        stream = getattr(request, "_stream", None)
+        position = getattr(stream, "_pos", None)
+        if not hasattr(request, "_files") or not isinstance(position, int):
+            return
+        received = position
+    else:
+        try:
+            received = len(request.body)
+        except (SuspiciousOperation, MultiPartParserError) as exc:
+            raise RequestInvalid() from exc
+    if received < expected:
+        raise RequestInvalid(RequestInvalid.truncated_detail)
 
 
 def _completed(record: Record, claim: ClaimRequest) -> Record:

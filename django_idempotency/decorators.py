@@ -58,22 +58,36 @@ def idempotent(
     Under DRF's ``@api_view``, put ``@idempotent`` below it, so that the key is scoped to the
     user DRF authenticated.
     """
-    options = Options(required=required, ttl=ttl, methods=methods, atomic=atomic, wait=wait)
+    if view_func is not None and not callable(view_func):
+        raise TypeError(
+            f"@idempotent takes a view, or options by keyword, not {view_func!r}: write "
+            "@idempotent or @idempotent(required=True)."
+        )
 
     def decorator(view_func: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(view_func):
+            raise TypeError(f"@idempotent(...) decorates a view, not {view_func!r}.")
+        name = _view_name(view_func)
         if hasattr(view_func, "cls") and hasattr(view_func, "initkwargs"):
             # A view made by as_view(), such as DRF's @api_view: here the request is not yet
             # authenticated by DRF, so every token or basic-auth caller would share one scope.
             raise ImproperlyConfigured(
-                f"@idempotent must go below @api_view, not above it, on "
-                f"{view_func.__qualname__}; for class-based DRF views use IdempotentMixin."
+                f"@idempotent must go below @api_view, not above it, on {name}; for "
+                "class-based DRF views use IdempotentMixin."
             )
+        options = Options(
+            required=required,
+            ttl=ttl,
+            methods=methods,
+            atomic=atomic,
+            wait=wait,
+            owner=f"@idempotent on {name}",
+        )
         if iscoroutinefunction(view_func):
-            if atomic:
+            if options.atomic:
                 raise ImproperlyConfigured(
-                    f"@idempotent(atomic=True) cannot wrap the async view "
-                    f"{view_func.__qualname__}: Django cannot hold a transaction open across "
-                    "an await. Leave atomic unset."
+                    f"@idempotent(atomic=True) cannot wrap the async view {name}: Django "
+                    "cannot hold a transaction open across an await. Leave atomic unset."
                 )
 
             @wraps(view_func)
@@ -115,3 +129,14 @@ def idempotent(
     if view_func is not None:
         return decorator(view_func)
     return decorator
+
+
+def _view_name(view_func: Callable[..., Any]) -> str:
+    """The dotted name of the user's view. A view made by ``as_view()`` is named after its
+    class, which DRF's ``@api_view`` names (``__name__`` only) after the user's function."""
+    view_class = getattr(view_func, "cls", None) or getattr(view_func, "view_class", None)
+    if isinstance(view_class, type):
+        return f"{view_class.__module__}.{view_class.__name__}"
+    module = getattr(view_func, "__module__", None) or "?"
+    qualname = getattr(view_func, "__qualname__", None) or repr(view_func)
+    return f"{module}.{qualname}"

@@ -7,6 +7,10 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 
+#: Where each problem's code is explained (RFC 9457 ``type``; the IETF draft's section 2.7
+#: asks for a link to documentation): a heading per code on the docs' errors page.
+DOCS_URL = "https://github.com/django-idempotency/django-idempotency/blob/main/docs/errors.md"
+
 
 class IdempotencyError(Exception):
     """Base class: a request this layer answers itself, never running the view."""
@@ -35,7 +39,7 @@ class IdempotencyError(Exception):
     def problem(self) -> dict[str, Any]:
         """The RFC 9457 problem details object for this error."""
         return {
-            "type": f"tag:django-idempotency,2026:{self.default_code}",
+            "type": f"{DOCS_URL}#{self.default_code}",
             "title": str(self.default_title),
             "status": self.status_code,
             "detail": str(self.detail),
@@ -66,10 +70,21 @@ class IdempotencyKeyInvalid(IdempotencyError):
 class RequestInvalid(IdempotencyError):
     status_code = 400
     default_code = "idempotency_request_invalid"
-    default_title = _("Request body unreadable")
+    default_title = _("Request unreadable")
     default_detail = _(
         "The request body could not be read (it is too large, has too many fields or is a "
         "malformed multipart body), so it cannot be checked against its idempotency key."
+    )
+
+    #: The detail for a body that ended before its ``Content-Length``.
+    truncated_detail = _(
+        "The request body is shorter than its Content-Length header says: it was cut off on "
+        "the way, so it was not processed. Send the whole body again with the same key."
+    )
+    #: The detail for a path that no store can keep, such as one holding NUL (%00).
+    unstorable_path_detail = _(
+        "The request path holds characters that cannot be stored with its idempotency key "
+        "(such as NUL, %00), so it was not processed."
     )
 
 

@@ -33,8 +33,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils.module_loading import import_string
 
-from django_idempotency.conf import conf
-from django_idempotency.core import MAX_KEY_LENGTH, Run, _fit
+from django_idempotency.conf import InvalidValue, conf, describe, validate_bool
+from django_idempotency.core import MAX_KEY_LENGTH, Options, Run, _fit, option_error
 from django_idempotency.exceptions import (
     IdempotencyError,
     IdempotencyKeyInProgress,
@@ -127,12 +127,17 @@ class IdempotentCall:
         self.name = name or self.scope
         self.fingerprint = _digest(fingerprint, what="the fingerprint")
         self.serializer = get_serializer(serializer)
+        options = Options(
+            ttl=ttl, atomic=atomic, wait=wait, owner=f"The idempotent call {self.name!r}"
+        )
         if is_async and atomic:
             raise ImproperlyConfigured(
                 f"The async idempotent call {self.name!r} cannot use atomic=True: Django "
                 "cannot hold a transaction open across an await. Leave atomic unset."
             )
-        self._run = Run(ttl=ttl, atomic=atomic, wait=wait, is_async=is_async)
+        self._run = Run(
+            ttl=options.ttl, atomic=options.atomic, wait=options.wait, is_async=is_async
+        )
         #: Whether the key was used before, and :attr:`result` is that call's stored result.
         self.replayed = False
         self.result: Any = None
@@ -333,8 +338,24 @@ def idempotent_function(
     Async functions are supported, in the lease mode.
     """
 
+    if func is not None and not callable(func):
+        raise TypeError(
+            f"@idempotent_function takes a function, or options by keyword, not {func!r}."
+        )
+
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
         name = f"{func.__module__}.{func.__qualname__}"
+        check_call_options(
+            f"@idempotent_function on {name}",
+            key=key,
+            scope=scope,
+            fingerprint=fingerprint,
+            ttl=ttl,
+            atomic=atomic,
+            wait=wait,
+            serializer=serializer,
+            required=required,
+        )
         if iscoroutinefunction(func) and atomic:
             raise ImproperlyConfigured(
                 f"@idempotent_function(atomic=True) cannot wrap the async function {name}: "
@@ -411,6 +432,57 @@ def idempotent_function(
 
 
 # -- Keys, fingerprints and errors ------------------------------------------------------------
+
+
+def check_call_options(
+    owner: str,
+    *,
+    key: object,
+    scope: object,
+    fingerprint: object,
+    ttl: object,
+    atomic: object,
+    wait: object,
+    serializer: object,
+    **flags: object,
+) -> None:
+    """Validate a decorator's options when it wraps its function, with the settings'
+    validators: ``ImproperlyConfigured`` naming ``owner`` and the option, never an error at
+    call time. ``flags`` are the decorator's own True/False options."""
+    Options(ttl=ttl, atomic=atomic, wait=wait, owner=owner)  # type: ignore[arg-type]
+    for name, value in flags.items():
+        try:
+            validate_bool(value)
+        except InvalidValue as exc:
+            raise option_error(owner, name, exc) from None
+    for name, value in (("key", key), ("fingerprint", fingerprint)):
+        if value is not None and not callable(value):
+            raise option_error(
+                owner,
+                name,
+                InvalidValue(f"must be a function of the arguments, not {describe(value)}."),
+            )
+    if not (scope is None or callable(scope) or (isinstance(scope, str) and scope)):
+        raise option_error(
+            owner,
+            "scope",
+            InvalidValue(
+                f"must be a non-empty string or a function of the arguments, not {describe(scope)}."
+            ),
+        )
+    if not (
+        serializer is None
+        or (isinstance(serializer, str) and serializer)
+        or all(callable(getattr(serializer, name, None)) for name in ("dumps", "loads"))
+    ):
+        raise option_error(
+            owner,
+            "serializer",
+            InvalidValue(
+                f"must be a serializer (with dumps() and loads()) or its dotted path, not "
+                f"{describe(serializer)}."
+            ),
+        )
 
 
 def describe_arguments(

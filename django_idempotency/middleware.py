@@ -16,11 +16,18 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
+from django_idempotency.checks import ensure_valid_settings
 from django_idempotency.conf import get_middleware_patterns
 from django_idempotency.core import Execution, Options, error_response
 from django_idempotency.exceptions import IdempotencyError
 
-__all__ = ["IdempotencyMiddleware", "class_options", "view_options"]
+__all__ = [
+    "IdempotencyMiddleware",
+    "class_options",
+    "protects_itself",
+    "uses_mixin",
+    "view_options",
+]
 
 # Where the request's execution waits for process_view (and process_exception) to use it.
 _EXECUTION = "_idempotency_middleware_execution"
@@ -42,6 +49,9 @@ class IdempotencyMiddleware:
     async_capable = True
 
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        # Django loads middleware when the server starts (get_wsgi_application()): a wrong
+        # setting stops gunicorn or uvicorn there, with the system checks' messages.
+        ensure_valid_settings()
         self.get_response = get_response
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
@@ -78,7 +88,7 @@ class IdempotencyMiddleware:
         execution: Execution | None = getattr(request, _EXECUTION, None)
         if execution is None or not _covered_path(request.path_info):
             return None
-        if view_options(view_func, request.method or "") is not None:
+        if protects_itself(view_func, request.method or ""):
             return None  # the view protects itself: claiming here too would claim twice
         try:
             return execution.begin(request)
@@ -96,63 +106,86 @@ def _covered_path(path: str) -> bool:
     return any(pattern.search(path) for pattern in get_middleware_patterns())
 
 
-def view_options(view: Callable[..., Any], method: str) -> Options | None:
-    """The options ``view`` already protects ``method`` with, or ``None`` if it does not.
+def protects_itself(view: Callable[..., Any], method: str) -> bool:
+    """Whether ``view`` protects its ``method`` requests itself (the middleware leaves those).
 
-    Finds ``@idempotent`` on the view or below other decorators and DRF's ``@api_view``, and
-    ``IdempotentMixin`` on a class-based view (its ``as_view()`` function).
+    True for a class-based view with ``IdempotentMixin``, whatever its options: its own
+    ``get_idempotency_options()`` decides them per request, so no class attribute is read
+    here. True for a view under ``@idempotent`` (also below other decorators and DRF's
+    ``@api_view``), with any options.
     """
-    view_class = getattr(view, "view_class", None) or getattr(view, "cls", None)
-    if isinstance(view_class, type):
-        actions: dict[str, str] = getattr(view, "actions", None) or {}
-        return class_options(view_class, actions.get(method.lower(), method.lower()))
-    return _decorator_options(view)
+    return _protection(view, method.lower()) is not None
+
+
+def view_options(view: Callable[..., Any], method: str) -> Options | None:
+    """The options of the ``@idempotent`` that protects ``view``'s ``method``, or ``None``.
+
+    Finds the decorator below other decorators and DRF's ``@api_view``. ``None`` for an
+    unprotected view and for a view with ``IdempotentMixin``: only an instance of the view
+    knows its options (``get_idempotency_options()``); see :func:`protects_itself`.
+    """
+    found = _protection(view, method.lower())
+    return found if isinstance(found, Options) else None
 
 
 def class_options(view_class: type[Any], handler: str) -> Options | None:
-    """The options a class-based view protects its method ``handler`` with, or ``None``.
+    """The options of the ``@idempotent`` on ``view_class``'s method ``handler``, or ``None``.
 
-    ``IdempotentMixin`` protects every handler (each with the view's own methods);
-    ``@idempotent`` under DRF's ``@api_view`` protects the function's handlers.
+    DRF's ``@api_view`` makes the function it decorates each handler of its class.
+
+    ``None`` for a class with ``IdempotentMixin`` too (see :func:`uses_mixin`): its options
+    are its instances' ``get_idempotency_options()``, never a copy of its attributes.
     """
-    mixin = _mixin()
-    if mixin is not None and issubclass(view_class, mixin):
-        return Options(
-            required=view_class.idempotency_required,
-            ttl=view_class.idempotency_ttl,
-            methods=view_class.idempotency_methods,
-            atomic=view_class.idempotency_atomic,
-            wait=view_class.idempotency_wait,
-        )
-    function = getattr(view_class, handler, None)
-    return _decorator_options(function) if callable(function) else None
+    if uses_mixin(view_class):
+        return None
+    found = _protection(getattr(view_class, handler, None), handler)
+    return found if isinstance(found, Options) else None
 
 
-def _mixin() -> type[Any] | None:
+def uses_mixin(view_class: type[Any]) -> bool:
+    """Whether ``view_class`` is protected by ``IdempotentMixin``."""
     # Without the module imported, no view can use the mixin; and DRF is never imported here.
     module = sys.modules.get("django_idempotency.rest_framework")
-    return getattr(module, "IdempotentMixin", None)
+    mixin = getattr(module, "IdempotentMixin", None)
+    return mixin is not None and issubclass(view_class, mixin)
+
+
+def _protection(function: Any, method: str) -> Options | type[Any] | None:
+    """What protects ``function`` for ``method``: the options of its ``@idempotent``, its
+    class with ``IdempotentMixin``, or ``None``."""
+    function = getattr(function, "__func__", function)  # a bound method
+    if not isinstance(function, FunctionType):
+        return None
+    return _function_protection(function, method)
 
 
 @functools.lru_cache(maxsize=1024)
-def _decorator_options(function: Callable[..., Any]) -> Options | None:
-    return _find_decorator_options(function, _MAX_DEPTH)
+def _function_protection(function: FunctionType, method: str) -> Options | type[Any] | None:
+    return _search(function, method, _MAX_DEPTH)
 
 
-def _find_decorator_options(function: Any, depth: int) -> Options | None:
-    function = getattr(function, "__func__", function)  # a bound method
+def _search(function: Any, method: str, depth: int) -> Options | type[Any] | None:
+    function = getattr(function, "__func__", function)
     if not isinstance(function, FunctionType) or depth == 0:
         return None
     options = getattr(function, "idempotency_options", None)  # set by @idempotent
     if isinstance(options, Options):
         return options
+    # A class-based view's as_view() function (Django sets view_class, DRF cls), maybe found
+    # in the closure of a decorator written without functools.wraps.
+    view_class = getattr(function, "view_class", None) or getattr(function, "cls", None)
+    if isinstance(view_class, type):
+        if uses_mixin(view_class):
+            return view_class
+        actions: dict[str, str] = getattr(function, "actions", None) or {}  # a viewset's
+        return _search(getattr(view_class, actions.get(method, method), None), method, depth - 1)
     inner = [getattr(function, "__wrapped__", None)]
     # DRF's @api_view keeps the function in the closure of the handler it generates.
     inner += [cell.cell_contents for cell in function.__closure__ or () if _filled(cell)]
     for candidate in inner:
-        options = _find_decorator_options(candidate, depth - 1)
-        if options is not None:
-            return options
+        found = _search(candidate, method, depth - 1)
+        if found is not None:
+            return found
     return None
 
 

@@ -474,7 +474,3 @@ class IdempotencyKey(models.Model):
         """The name of the last phase committed, or ``""``."""
         points = self.recovery_points or []
         return str(points[-1][0]) if points else ""
-
-    @property
-    def has_response(self) -> bool:
-        return self.state == self.State.COMPLETED and self.response_body is not None

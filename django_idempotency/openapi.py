@@ -12,12 +12,14 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiViewExtension
 from drf_spectacular.openapi import AutoSchema
-from drf_spectacular.plumbing import ComponentRegistry, ResolvedComponent
+from drf_spectacular.plumbing import ComponentRegistry, ResolvedComponent, get_doc
+from drf_spectacular.settings import spectacular_settings
 
 from django_idempotency import exceptions
 from django_idempotency.conf import conf
 from django_idempotency.core import MAX_KEY_LENGTH, REPLAYED_HEADER, Options
 from django_idempotency.middleware import class_options
+from django_idempotency.rest_framework import IdempotentMixin
 
 __all__ = ["IdempotencyViewExtension", "document_operation"]
 
@@ -84,7 +86,12 @@ def _key_parameter(required: bool) -> dict[str, Any]:
             'Structured Field string ("abc"). Reusing a key for a different request is '
             "answered 422."
         ),
-        "schema": {"type": "string", "minLength": 1, "pattern": "^[\\x20-\\x7E]+$"},
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH,
+            "pattern": "^[\\x20-\\x7E]+$",
+        },
         "example": "5f0c6a8e-3b1d-4c2e-9a7f-2d4b8c1e6f30",
     }
 
@@ -95,6 +102,26 @@ def _replayed_header() -> dict[str, Any]:
         "with the same Idempotency-Key; absent otherwise.",
         "schema": {"type": "string", "enum": ["true"]},
     }
+
+
+def _replayable(status: str) -> bool:
+    """Whether a response the view documents under ``status`` may be a stored one, replayed.
+
+    Every returned response is stored but a 5xx one, unless ``IDEMPOTENCY_STORE_SERVER_ERRORS``
+    (``core._stored_response``): so a code, a range such as ``2XX``, and ``default`` (the
+    statuses left undocumented) all may be. This layer's own answers, documented after this,
+    are never stored.
+    """
+    status = status.upper()
+    if status == "DEFAULT":
+        return True
+    if (
+        len(status) != 3
+        or status[0] not in "12345"
+        or not (status[1:].isdigit() or status[1:] == "XX")
+    ):
+        return False
+    return status[0] != "5" or conf.IDEMPOTENCY_STORE_SERVER_ERRORS
 
 
 def document_operation(
@@ -112,11 +139,9 @@ def document_operation(
     parameters.append(_key_parameter(required))
 
     responses = operation.setdefault("responses", {})
-    store_server_errors = conf.IDEMPOTENCY_STORE_SERVER_ERRORS
     for status, response in responses.items():
-        if not str(status).isdigit() or (int(status) >= 500 and not store_server_errors):
-            continue
-        response.setdefault("headers", {})[REPLAYED_HEADER] = _replayed_header()
+        if _replayable(str(status)):
+            response.setdefault("headers", {})[REPLAYED_HEADER] = _replayed_header()
 
     code = ResolvedComponent(  # type: ignore[no-untyped-call]
         name=CODE_COMPONENT,
@@ -157,11 +182,41 @@ class IdempotentSchema:
         method: str = self.method  # type: ignore[attr-defined]
         if operation is None:
             return None
-        handler = getattr(view, "action", None) or method.lower()
-        options = class_options(type(view), handler)
+        options = _operation_options(view, method)
         if options is not None and method in options.covered_methods:
             document_operation(operation, self.registry, options)  # type: ignore[attr-defined]
         return operation
+
+    def get_description(self) -> str:
+        description: str = super().get_description()  # type: ignore[misc]
+        view_class = type(self.view)  # type: ignore[attr-defined]
+        if description and description == get_doc(view_class):
+            # The view's docstring, which drf-spectacular looks for along the MRO: for a view
+            # without one of its own, that would be IdempotentMixin's, about the mixin.
+            return _view_doc(view_class)
+        return description
+
+
+def _operation_options(view: Any, method: str) -> Options | None:
+    """The options protecting ``view``'s ``method`` operation, or ``None`` if none do."""
+    if isinstance(view, IdempotentMixin):
+        # The view's own hook, which its requests run with, so that an override (or an
+        # as_view() argument) is documented as it behaves; drf-spectacular's view has its
+        # request (of this operation's method) and, on a viewset, its action set.
+        return view.get_idempotency_options()
+    return class_options(type(view), getattr(view, "action", None) or method.lower())
+
+
+def _view_doc(view_class: type[Any]) -> str:
+    """drf-spectacular's ``get_doc(view_class)`` with ``IdempotentMixin``'s docstring skipped:
+    the first docstring along the MRO before the library classes it excludes."""
+    mro = view_class.__mro__
+    excluded = spectacular_settings.GET_LIB_DOC_EXCLUDES()
+    barrier = min((mro.index(klass) for klass in excluded if klass in mro), default=len(mro))
+    for klass in mro[:barrier]:
+        if klass is not IdempotentMixin and klass.__doc__:
+            return get_doc(klass)
+    return ""
 
 
 @functools.cache
@@ -226,6 +281,8 @@ def _replacement(view_class: type[Any]) -> type[Any]:
 
 
 def _protects_any(view_class: type[Any]) -> bool:
+    if issubclass(view_class, IdempotentMixin):
+        return True  # its get_idempotency_options() says which methods, per instance
     names = getattr(view_class, "http_method_names", ())
     return any(class_options(view_class, name) is not None for name in names)
 

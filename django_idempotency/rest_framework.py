@@ -19,6 +19,12 @@ from django_idempotency.exceptions import IdempotencyError
 
 __all__ = ["IdempotentMixin"]
 
+_OPTION_NAMES = ("required", "ttl", "methods", "atomic", "wait")
+
+
+def _class_name(cls: type[Any]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
 
 class _Replay(Exception):
     """Carries a replayed response from ``initial()`` to ``handle_exception()``."""
@@ -49,6 +55,7 @@ class IdempotentMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._idempotency_class_options()  # a wrong type or value fails at import
         mro = cls.__mro__
         if APIView in mro and mro.index(APIView) < mro.index(IdempotentMixin):
             bases = ", ".join(
@@ -59,14 +66,27 @@ class IdempotentMixin:
                 f"class {cls.__name__}(IdempotentMixin, {bases})."
             )
 
+    @classmethod
+    def as_view(cls, *args: Any, **initkwargs: Any) -> Any:
+        # initkwargs may set the options too (OrderView.as_view(idempotency_required=True)):
+        # check them with the class's own, before any request arrives.
+        cls._idempotency_class_options(initkwargs)
+        return super().as_view(*args, **initkwargs)  # type: ignore[misc]
+
+    @classmethod
+    def _idempotency_class_options(cls, overrides: dict[str, Any] | None = None) -> Options:
+        """The options the class's attributes (or ``overrides``) set, validated."""
+        values = {
+            name: (overrides or {}).get(f"idempotency_{name}", getattr(cls, f"idempotency_{name}"))
+            for name in _OPTION_NAMES
+        }
+        return Options(**values, owner=_class_name(cls), prefix="idempotency_")
+
     def get_idempotency_options(self) -> Options:
-        return Options(
-            required=self.idempotency_required,
-            ttl=self.idempotency_ttl,
-            methods=self.idempotency_methods,
-            atomic=self.idempotency_atomic,
-            wait=self.idempotency_wait,
-        )
+        """The view's options, from its ``idempotency_*`` attributes. Override it to compute
+        them; it runs at the start of ``dispatch()``, before DRF initialises the request."""
+        values = {name: getattr(self, f"idempotency_{name}") for name in _OPTION_NAMES}
+        return Options(**values, owner=_class_name(type(self)), prefix="idempotency_")
 
     def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponseBase:
         # The atomic mode's transaction, if any, opens inside the execution once initial()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -16,7 +17,13 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import InterfaceError, OperationalError, connections, router
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    connections,
+    router,
+)
 from django.db import transaction as db_transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.constants import OnConflict
@@ -27,6 +34,8 @@ from django.utils.duration import duration_microseconds
 from django_idempotency import replay_cache
 from django_idempotency.exceptions import StoreUnavailable
 from django_idempotency.models import IdempotencyKey
+
+logger = logging.getLogger("django_idempotency")
 
 IN_PROGRESS = IdempotencyKey.State.IN_PROGRESS.value
 COMPLETED = IdempotencyKey.State.COMPLETED.value
@@ -163,13 +172,45 @@ def _lock_error(exc: Exception) -> bool:
     return bool(args) and args[0] in (1205, 3572)  # MySQL/MariaDB lock wait timeout, NOWAIT
 
 
+# What each database says when a table or column of a model is missing: PostgreSQL's SQLSTATE
+# undefined_table and undefined_column, MySQL/MariaDB's error numbers for them (1146, 1054),
+# SQLite's messages.
+_MISSING_SQLSTATES = frozenset({"42P01", "42703"})
+_MISSING_MYSQL_ERRORS = frozenset({1146, 1054})
+_MISSING_SQLITE_MESSAGES = ("no such table", "no such column", "has no column named")
+
+NOT_MIGRATED = (
+    "The django_idempotency tables are missing or out of date in the database {alias!r}: "
+    "run `python manage.py migrate django_idempotency`."
+)
+
+
+def is_missing_schema(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a table or column is missing (``migrate`` was not run)."""
+    cause = exc.__cause__ or exc
+    if getattr(cause, "sqlstate", None) in _MISSING_SQLSTATES:
+        return True
+    args: tuple[Any, ...] = getattr(cause, "args", ())
+    if args and args[0] in _MISSING_MYSQL_ERRORS:
+        return True
+    message = str(exc)
+    return any(text in message for text in _MISSING_SQLITE_MESSAGES)
+
+
 @contextmanager
-def _translate_errors() -> Iterator[None]:
+def _translate_errors(alias: str | None = None) -> Iterator[None]:
     try:
         yield
-    except (OperationalError, InterfaceError) as exc:
+    except (OperationalError, InterfaceError, ProgrammingError) as exc:
         if _lock_error(exc):
             raise KeyLocked() from exc
+        if is_missing_schema(exc):
+            # A deployment that forgot `migrate`: every covered request fails until it runs,
+            # so say what to do in the log; the client gets the store-unavailable problem.
+            logger.error(NOT_MIGRATED.format(alias=alias or router.db_for_write(IdempotencyKey)))
+            raise StoreUnavailable(retry_after=1) from exc
+        if isinstance(exc, ProgrammingError):
+            raise  # a bug, not an outage: never hidden behind a 503
         raise StoreUnavailable(retry_after=1) from exc
 
 

@@ -5,9 +5,11 @@ The suite's URLconf has no admin; this module mounts one (``urlpatterns`` below)
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
+from urllib.parse import parse_qs
 
 import pytest
 from django.contrib import admin
@@ -523,6 +525,230 @@ def test_date_hierarchy_of_an_empty_list(admin_client):
     )
     titles, _ = hierarchy(changelist(admin_client, created_at__year="2020", created_at__month="1"))
     assert titles == []
+
+
+# -- URL parameters: the list is no oracle -----------------------------------------------------
+#
+# A user without the view permission must not find out stored responses (or recovery points'
+# results) by guessing them in the list's URL and watching which keys it shows. The list takes
+# only the parameters its own links carry; Django answers any other lookup with
+# DisallowedModelAdminLookup, a 400 response.
+
+CHANGE_ONLY = ("change_idempotencykey", "delete_idempotencykey")
+SECRETS = {
+    "response_body": b'{"card": "4242"}',
+    "response_headers": [["Content-Type", "application/json"], ["X-Secret", "s3cret"]],
+    "recovery_points": [["order", 17], ["payment", {"charge": "ch_4242"}]],
+}
+
+
+def secret_key():
+    """A completed key holding a secret in each hidden field, and a key without any."""
+    IdempotencyKeyFactory(completed=True)
+    return IdempotencyKeyFactory(completed=True, **SECRETS)
+
+
+def assert_refused(response, key):
+    assert response.status_code == 400, (response.status_code, response.get("Location"))
+    assert key.key not in response.content.decode()
+
+
+def offered_links(response):
+    """The query strings of the list's own links: filters, dates, sorted columns, clear-all."""
+    page = response.content.decode()
+    return {html.unescape(link) for link in re.findall(r'href="(\?[^"]*)"', page)}
+
+
+@pytest.mark.parametrize(
+    "lookup",
+    ["response_body__contains", "response_body__startswith", "response_body__gte", "response_body"],
+)
+def test_change_only_user_cannot_filter_on_response_body_through_the_url(client, lookup):
+    key = secret_key()
+    client.force_login(staff(*CHANGE_ONLY))
+
+    assert_refused(client.get(reverse(CHANGELIST), {lookup: '{"card": "4242"}'}), key)
+
+
+@pytest.mark.parametrize(
+    ("lookup", "guess"),
+    [
+        ("response_headers__icontains", "s3cret"),
+        ("response_headers__contains", '[["X-Secret", "s3cret"]]'),
+        ("response_headers__1__1", "s3cret"),
+        ("response_headers__1__1__startswith", "s3"),
+    ],
+)
+def test_change_only_user_cannot_filter_on_response_headers_through_the_url(client, lookup, guess):
+    key = secret_key()
+    client.force_login(staff(*CHANGE_ONLY))
+
+    assert_refused(client.get(reverse(CHANGELIST), {lookup: guess}), key)
+
+
+@pytest.mark.parametrize(
+    ("lookup", "guess"),
+    [
+        ("recovery_points__icontains", "ch_4242"),
+        ("recovery_points__1__1__charge", "ch_4242"),
+        ("recovery_points__1__1__has_key", "charge"),
+        ("recovery_points__isnull", "False"),
+    ],
+)
+def test_change_only_user_cannot_filter_on_recovery_point_results_through_the_url(
+    client, lookup, guess
+):
+    key = secret_key()
+    client.force_login(staff(*CHANGE_ONLY))
+
+    assert_refused(client.get(reverse(CHANGELIST), {lookup: guess}), key)
+
+
+@pytest.mark.parametrize(
+    ("lookup", "guess"),
+    [
+        ("owner_token__startswith", "a"),
+        ("fingerprint__startswith", "0"),
+        ("state__in", "completed"),
+        ("method__regex", "^P"),
+        ("created_at__gte", "2000-01-01"),
+        ("created_at__year__gte", "2000"),
+        ("id__gt", "0"),
+        ("scope", "anonymous"),
+    ],
+)
+def test_lookups_the_list_does_not_offer_are_refused_even_on_fields_it_shows(client, lookup, guess):
+    # An allowlist, not a list of hidden fields: a field added to the model later stays hidden
+    # from the URL until the list offers a filter on it.
+    key = secret_key()
+    client.force_login(staff(*CHANGE_ONLY))
+
+    assert_refused(client.get(reverse(CHANGELIST), {lookup: guess}), key)
+
+
+def test_users_who_may_see_responses_get_only_the_offered_lookups_too(client):
+    key = secret_key()
+    client.force_login(staff("view_idempotencykey"))
+
+    assert_refused(client.get(reverse(CHANGELIST), {"response_body__contains": "4242"}), key)
+    assert_refused(client.get(reverse(CHANGELIST), {"recovery_points__isnull": "False"}), key)
+
+
+def test_an_offered_filter_does_not_carry_a_hidden_lookup_along(client):
+    key = secret_key()
+    client.force_login(staff(*CHANGE_ONLY))
+
+    response = client.get(
+        reverse(CHANGELIST), {"state": "completed", "response_headers__icontains": "s3cret"}
+    )
+
+    assert_refused(response, key)
+
+
+def test_actions_cannot_select_keys_by_a_hidden_field_through_the_url(client):
+    # "Purge all matching keys" would otherwise say how many keys held the guess.
+    key = secret_key()
+    expire(*IdempotencyKey.objects.all())
+    client.force_login(staff(*CHANGE_ONLY))
+
+    url = reverse(CHANGELIST) + "?response_body__contains=4242"
+    data = {"action": "purge_expired", "select_across": "1", ACTION_CHECKBOX_NAME: [key.pk]}
+    response = client.post(url, data)
+
+    assert_refused(response, key)
+    assert IdempotencyKey.objects.count() == 2
+
+
+def test_a_subclass_field_filter_keeps_its_parameters_and_only_those(rf):
+    class ScopeFilteringAdmin(IdempotencyKeyAdmin):
+        list_filter = (*IdempotencyKeyAdmin.list_filter, "scope")
+
+    model_admin = ScopeFilteringAdmin(IdempotencyKey, admin.site)
+    request = rf.get("/")
+
+    assert model_admin.lookup_allowed("scope__exact", "user:42", request)
+    assert model_admin.lookup_allowed("state", "completed", request)
+    assert model_admin.lookup_allowed("created_at__month", "3", request)
+    assert not model_admin.lookup_allowed("scope", "user:42", request)
+    assert not model_admin.lookup_allowed("response_body__contains", "4242", request)
+
+
+def test_the_url_cannot_sort_by_a_column_the_list_does_not_sort(client):
+    # ``?o=`` numbers the list's columns; none of them shows a hidden field, and only the
+    # sortable ones (served by an index) sort.
+    assert {"response_body", "response_headers", "recovery_points"}.isdisjoint(
+        IdempotencyKeyAdmin.list_display
+    )
+    # Each other column, one way or the other, orders the two keys otherwise than newest first.
+    older = IdempotencyKeyFactory(key="a", scope="a", method="DELETE", path="/a/")
+    newer = IdempotencyKeyFactory(key="z", scope="z", method="PUT", path="/z/", completed=True)
+    set_created(older, datetime(2025, 1, 1, tzinfo=dt_timezone.utc))
+    set_created(newer, datetime(2025, 1, 2, tzinfo=dt_timezone.utc))
+    client.force_login(staff(*CHANGE_ONLY))
+    sortable = {"created_at", "expires_at"}
+    # The list's columns, as ``?o=`` numbers them: the action checkbox comes first.
+    columns = changelist(client).context["cl"].list_display
+    assert columns == ["action_checkbox", *IdempotencyKeyAdmin.list_display]
+
+    for index, column in enumerate(columns):
+        for order in (str(index), f"-{index}"):
+            response = changelist(client, o=order)
+            fields = {
+                str(field).lstrip("-") for field in response.context["cl"].queryset.query.order_by
+            }
+            if column in IdempotencyKeyAdmin.sortable_by:
+                assert fields & sortable, (column, fields)
+            else:
+                assert fields <= sortable | {"pk"}, (column, fields)
+                assert listed(response) == [newer.key, older.key], column
+
+
+def test_method_filter_ignores_a_method_it_does_not_offer(client):
+    # As the other filters ignore values they do not offer; PostgreSQL refused a NUL with a 500.
+    post, put = IdempotencyKeyFactory(method="POST"), IdempotencyKeyFactory(method="PUT")
+    client.force_login(staff(*CHANGE_ONLY))
+
+    assert listed(changelist(client, method="PUT")) == [put.key]
+    assert listed(changelist(client, method="\x00")) == [put.key, post.key]
+    assert listed(changelist(client, method="GET")) == [put.key, post.key]
+
+
+DRILL_DOWN = {"created_at__year", "created_at__month", "created_at__day"}
+
+
+@pytest.mark.parametrize("permissions", [CHANGE_ONLY, ("view_idempotencykey",)])
+def test_every_link_the_list_offers_still_works_with_or_without_stored_responses(
+    client, permissions
+):
+    created(
+        datetime(2024, 12, 30, tzinfo=dt_timezone.utc), datetime(2025, 1, 2, tzinfo=dt_timezone.utc)
+    )
+    IdempotencyKeyFactory(completed=True, method="PUT", **SECRETS)
+    client.force_login(staff(*permissions))
+    root = changelist(client)
+    cl = root.context["cl"]
+    choices = {choice["query_string"] for spec in cl.filter_specs for choice in spec.choices(cl)}
+    assert len(cl.filter_specs) == len(IdempotencyKeyAdmin.list_filter)
+
+    visited = set()
+    pages = [root]
+    while pages:  # every link of the list, and those of the dates it drills down to in 2024
+        page = pages.pop()
+        for link in sorted(offered_links(page) - visited):
+            visited.add(link)
+            response = client.get(reverse(CHANGELIST) + link)
+            assert response.status_code == 200, link
+            dates = parse_qs(link[1:])
+            if dates.get("created_at__year") == ["2024"] and set(dates) < DRILL_DOWN:
+                pages.append(response)
+    assert {
+        "?created_at__year=2024",
+        "?created_at__month=12&created_at__year=2024",
+        "?created_at__day=31&created_at__month=12&created_at__year=2024",
+    } <= visited
+    assert choices <= visited
+    completed = changelist(client, state="completed", method="PUT", status="2xx")
+    assert len(listed(completed)) == 1
 
 
 # -- The detail page ----------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_a_tool_call_id_reused_with_other_arguments_is_an_error_not_retried(serv
 
     error = caught.value
     assert error.status == 422
-    assert error.type == "tag:django-idempotency,2026:idempotency_key_mismatch"
+    assert error.type.endswith("/docs/errors.md#idempotency_key_mismatch")
     assert error.code == "idempotency_key_mismatch"
     assert error.title == "Idempotency key reused"
     assert error.answers == ("422 idempotency_key_mismatch",)

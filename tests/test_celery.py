@@ -313,3 +313,25 @@ def test_same_message_delivered_three_times_at_once_has_one_effect(worker, task,
     # instead, and then replays.
     if connection.features.has_select_for_update or "leased" in task:
         assert retried, worker.read_events()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ttl": 60}, "ttl must be a positive timedelta, not 60 (int)"),
+        ({"wait": 1.5}, "wait must be a datetime.timedelta of zero or more"),
+        ({"retry_in_progress": "no"}, "retry_in_progress must be True or False, not 'no'"),
+        ({"key": "event-id"}, "key must be a function of the arguments"),
+        ({"scope": lambda: "x"}, "scope must be a string"),
+    ],
+)
+def test_a_wrong_option_is_refused_when_the_task_is_decorated(options, message):
+    from django.core.exceptions import ImproperlyConfigured
+
+    def charge(order_id): ...
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        idempotent_task(**options)(charge)
+
+    assert str(caught.value).startswith(f"@idempotent_task on {__name__}.")
+    assert message in str(caught.value)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from django.core.checks import Error as CheckError
 from django.core.checks import Warning as CheckWarning
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connection
-from django.test import override_settings
+from django.test import Client, override_settings
 
 from django_idempotency import checks as checks_module
 from django_idempotency.checks import (
@@ -28,7 +29,10 @@ from django_idempotency.checks import (
     check_settings,
     check_store_cache,
 )
+from django_idempotency.conf import conf
+from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import CacheStore
+from tests.models import Charge
 
 pytestmark = pytest.mark.django_db
 
@@ -275,7 +279,7 @@ def test_every_check_id_in_the_source_is_tested():
     in_source = set(re.findall(r"django_idempotency\.([EW]\d{3})", source))
     tested = (
         {check_id for _, _, check_id, _ in BAD_SETTINGS}
-        | {"E012", "W001", "W002", "W003"}
+        | {"E012", "W001", "W002", "W003", "W009"}
         | {"W006", "W007", "W008"}  # tests/test_middleware.py
         | {
             "E014",
@@ -441,6 +445,8 @@ def test_w005_a_redis_cache_without_socket_timeouts(caches_for_checks, setting):
     assert f"({setting})" in message.msg
     assert "SOCKET_CONNECT_TIMEOUT or SOCKET_TIMEOUT" in message.msg
     assert "SOCKET_TIMEOUT" in message.hint
+    # A dict literal the user can paste: its braces balance (no stray "}" as before).
+    assert "= {'SOCKET_CONNECT_TIMEOUT': 1, 'SOCKET_TIMEOUT': 1} (seconds)" in message.hint
 
 
 def test_the_store_cache_check_runs_with_the_caches_tag(caches_for_checks):
@@ -470,3 +476,105 @@ def test_e015_without_django_redis_installed(settings, monkeypatch):
     assert message.id == "django_idempotency.E015"
     assert f"{REDIS_BACKEND} cannot be imported" in message.msg
     assert "pip install django-redis" in message.hint
+
+
+# -- W009: a setting this app does not read ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [
+        ("IDEMPOTENCY_XYZZY", None),
+        ("IDEMPOTENCY_TTL_SECONDS", "IDEMPOTENCY_TTL"),
+        ("IDEMPOTENCY_REQUIERED", "IDEMPOTENCY_REQUIRED"),
+        ("IDEMPOTENCY_METHOD", "IDEMPOTENCY_METHODS"),
+    ],
+)
+def test_w009_an_unknown_setting_is_named_with_the_closest_valid_name(settings, name, closest):
+    setattr(settings, name, True)
+
+    [message] = checks_module.check_unknown_settings()
+
+    assert message.id == "django_idempotency.W009"
+    assert isinstance(message, CheckWarning)
+    assert message.msg == f"{name} is not a django-idempotency setting, so it has no effect."
+    if closest is None:
+        assert message.hint == "See the docs' settings page."
+    else:
+        assert message.hint == f"Did you mean {closest}?"
+
+
+def test_w009_is_silent_for_every_known_setting(settings):
+    for name in checks_module._known_settings():
+        setattr(settings, name, getattr(conf, name))
+
+    assert checks_module.check_unknown_settings() == []
+
+
+# -- Where `manage.py check` never runs: the first covered request -----------------------------
+
+
+def _keyed_post(path="/sync/", key="k"):
+    client = Client(raise_request_exception=True)
+    return client.post(
+        path, {"amount": 1}, content_type="application/json", headers={"Idempotency-Key": key}
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "check_id"),
+    [
+        ("IDEMPOTENCY_TTL", 3600, "E004"),
+        ("IDEMPOTENCY_METHODS", "POST", "E003"),
+        ("IDEMPOTENCY_WAIT", 2, "E005"),
+        ("IDEMPOTENCY_STORE", "no.such.Store", "E007"),
+    ],
+)
+def test_a_bad_setting_stops_the_first_covered_request_with_the_checks_message(
+    settings, setting, value, check_id
+):
+    # As under gunicorn or uvicorn, which run no system checks: the request fails before any
+    # store call, with the message `manage.py check` would print, not a database error.
+    setattr(settings, setting, value)
+    [expected] = [m for m in check_settings() if m.id == f"django_idempotency.{check_id}"]
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        _keyed_post()
+
+    assert f"(django_idempotency.{check_id}) {expected.msg}" in str(caught.value)
+    assert not IdempotencyKey.objects.exists()
+    assert not Charge.objects.exists()
+
+
+def test_a_bad_setting_also_stops_an_idempotent_function(settings):
+    from django_idempotency.functions import idempotent_call
+
+    settings.IDEMPOTENCY_LOCK_TTL = 30
+
+    with (
+        pytest.raises(ImproperlyConfigured, match=r"django_idempotency\.E006"),
+        idempotent_call("k", scope="billing"),
+    ):
+        raise AssertionError("the block must not run")
+
+
+def test_settings_are_checked_again_after_they_change(settings):
+    assert _keyed_post().status_code == 201
+    settings.IDEMPOTENCY_TTL = 3600
+
+    with pytest.raises(ImproperlyConfigured, match="E004"):
+        _keyed_post("/sync/again/")
+
+
+def test_an_unknown_setting_is_logged_once_at_the_first_covered_request(settings, caplog):
+    settings.IDEMPOTENCY_REQUIERED = True
+
+    with caplog.at_level("WARNING", logger="django_idempotency"):
+        assert _keyed_post().status_code == 201
+        assert _keyed_post(key="another").status_code == 201
+
+    logged = [r.getMessage() for r in caplog.records if "W009" in r.getMessage()]
+    assert logged == [
+        "(django_idempotency.W009) IDEMPOTENCY_REQUIERED is not a django-idempotency setting, "
+        "so it has no effect. HINT: Did you mean IDEMPOTENCY_REQUIRED?"
+    ]

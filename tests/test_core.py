@@ -3,6 +3,7 @@ store protocol that core relies on, run against each store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import timedelta
@@ -246,6 +247,99 @@ def test_multipart_files_count_by_content_not_boundary():
 )
 def test_different_requests_have_different_fingerprints(one, other):
     assert fingerprint(one) != fingerprint(other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ('{"amount": 12345678901234567.89}', '{"amount": 12345678901234567.88}'),
+        ('{"amount": 0.1}', '{"amount": 0.10000000000000001}'),
+        ('{"amount": 1.0}', '{"amount": 1}'),
+        ('{"amount": 1.50}', '{"amount": 1.5}'),
+        ('{"amount": 1e2}', '{"amount": 100}'),
+        ('{"ids": [9007199254740993]}', '{"ids": [9007199254740992]}'),
+    ],
+    ids=[
+        "beyond a float's precision",
+        "one float, two decimals",
+        "integer and decimal",
+        "trailing zero",
+        "exponent",
+        "integer beyond 2**53",
+    ],
+)
+def test_json_numbers_are_compared_as_written(one, other):
+    # A view that parses numbers as Decimal (DRF's DecimalField, json.loads(parse_float=
+    # Decimal)) tells these apart, so they must never replay each other's answer.
+    assert fingerprint(_json(one)) != fingerprint(_json(other))
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ('{"name": "\\u00e9", "b": 1}', '{"b":1,"name":"\u00e9"}'),
+        ('{"a": "\\"quoted\\""}', '{ "a" : "\\u0022quoted\\u0022" }'),
+        ('{"n": [1.5, -0.25, 10]}', '{"n":[1.5,-0.25,10]}'),
+    ],
+    ids=["escaped and literal characters", "escaped quotes", "numbers and whitespace"],
+)
+def test_json_written_differently_with_the_same_numbers_has_the_same_fingerprint(one, other):
+    assert fingerprint(_json(one)) == fingerprint(_json(other))
+
+
+def test_json_fingerprint_is_unchanged_for_integers_and_plain_decimals():
+    # Fingerprints stored before numbers were kept as written must still match after an
+    # upgrade for the usual bodies: the canonical form of these is what it was.
+    request = _json('{"b": [1, 2.5, -3], "a": {"y": true, "x": null}}')
+    expected = hashlib.sha256(
+        json.dumps(["POST", "/orders/", []], ensure_ascii=False).encode()
+        + b"\0json\0"
+        + b'{"a":{"x":null,"y":true},"b":[1,2.5,-3]}'
+    ).hexdigest()
+
+    assert fingerprint(request) == expected
+
+
+def _encoded(body: bytes, charset: str | None, kind: str = "application/x-www-form-urlencoded"):
+    content_type = kind if charset is None else f"{kind}; charset={charset}"
+    return factory.generic("POST", "/orders/", body, content_type)
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b"name=%C3%A9", "application/x-www-form-urlencoded"),
+        ('{"name": "\u00e9"}'.encode(), "application/json"),
+        (b"caf\xc3\xa9", "text/plain"),
+    ],
+    ids=["form", "JSON", "text"],
+)
+def test_a_charset_that_changes_the_decoding_is_part_of_the_fingerprint(body, kind):
+    # Decoded as latin-1, these bytes are two other characters: the view sees "Ã©", not "é".
+    assert fingerprint(_encoded(body, "latin-1", kind)) != fingerprint(_encoded(body, None, kind))
+
+
+def test_a_charset_applies_to_the_query_string_too():
+    one = factory.post("/orders/?name=%E9", content_type="text/plain; charset=latin-1")
+    other = factory.post("/orders/?name=%E9", content_type="text/plain; charset=cp1252")
+    utf8 = factory.post("/orders/?name=%E9", content_type="text/plain")
+
+    assert len({fingerprint(one), fingerprint(other), fingerprint(utf8)}) == 3
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", "utf8", "no-such-charset"])
+def test_a_charset_that_decodes_as_the_default_does_not_change_the_fingerprint(charset):
+    body = b"name=%C3%A9&b=1"
+
+    assert fingerprint(_encoded(body, charset)) == fingerprint(_encoded(body, None))
+
+
+def test_a_latin1_form_is_read_as_its_charset_says():
+    # The same text, sent in two charsets, is one request.
+    latin1 = _encoded(b"name=%E9", "latin-1")
+    again = _encoded(b"name=%E9", "iso-8859-1")
+
+    assert fingerprint(latin1) == fingerprint(again)
 
 
 @pytest.mark.parametrize(

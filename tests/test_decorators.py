@@ -935,6 +935,77 @@ def test_decorator_above_api_view_is_refused_because_drf_has_not_authenticated_y
         idempotent(charge)
 
 
+@pytest.mark.skipif(not HAS_DRF, reason="needs Django REST Framework")
+def test_decorator_above_api_view_names_the_users_function():
+    from rest_framework.decorators import api_view
+
+    @api_view(["POST"])
+    def charge(request): ...
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        idempotent(charge)
+
+    assert f"on {__name__}.charge;" in str(caught.value)
+    assert "as_view" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"methods": "POST"}, "methods must be a list or tuple of HTTP method names, not 'POST'"),
+        ({"methods": ["POST", 1]}, "methods must be a list or tuple of HTTP method names"),
+        ({"methods": ["PO ST"]}, "methods must be a list or tuple of HTTP method names"),
+        ({"ttl": 3600}, "ttl must be a positive timedelta, not 3600 (int)"),
+        ({"ttl": timedelta(0)}, "ttl must be a positive timedelta"),
+        ({"ttl": timedelta(seconds=-5)}, "ttl must be a positive timedelta"),
+        ({"wait": 2}, "wait must be a datetime.timedelta of zero or more, not 2 (int)"),
+        ({"wait": timedelta(seconds=-1)}, "wait must be a datetime.timedelta of zero or more"),
+        ({"required": "yes"}, "required must be True or False, not 'yes' (str)"),
+        ({"required": 1}, "required must be True or False, not 1 (int)"),
+        ({"atomic": "false"}, "atomic must be True or False, not 'false' (str)"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_wrong_option_is_refused_when_the_view_is_decorated(options, message, kind):
+    # Never at request time: methods="POST" used to mean the methods P, O, S and T (and so
+    # no protection at all), ttl=3600 a 500 on every keyed request, wait=2 an AttributeError.
+    if kind == "sync":
+
+        def charge(request): ...
+
+    else:
+
+        async def charge(request): ...
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        idempotent(**options)(charge)
+
+    text = str(caught.value)
+    assert text.startswith(f"@idempotent on {__name__}.")
+    assert ".charge: " in text
+    assert message in text
+
+
+def test_the_hint_of_a_wrong_duration_shows_the_option_as_written():
+    with pytest.raises(ImproperlyConfigured, match=r"ttl=timedelta\(seconds=30\)"):
+        idempotent(ttl=30)(lambda request: None)
+
+
+def test_right_options_are_kept_as_given_and_methods_upper_cased():
+    @idempotent(methods=("put", "post"), ttl=timedelta(hours=1), wait=timedelta(0))
+    def charge(request): ...
+
+    options = charge.idempotency_options
+    assert options.methods == frozenset({"PUT", "POST"})
+    assert (options.ttl, options.wait) == (timedelta(hours=1), timedelta(0))
+
+
+@pytest.mark.parametrize("value", [True, "charge", 3])
+def test_a_positional_option_is_a_type_error_that_shows_the_keyword_form(value):
+    with pytest.raises(TypeError, match=r"by keyword.*@idempotent\(required=True\)"):
+        idempotent(value)
+
+
 def test_atomic_mode_cannot_wrap_an_async_view():
     async def charge(request): ...
 

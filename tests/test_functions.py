@@ -608,3 +608,44 @@ def test_a_replayed_call_refuses_to_run_a_phase(store):
     ):
         call.phase("p", lambda: ran.append(1))
     assert ran == []
+
+
+# -- Options are validated where they are given -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ttl": 3600}, "ttl must be a positive timedelta, not 3600 (int)"),
+        ({"wait": 2}, "wait must be a datetime.timedelta of zero or more, not 2 (int)"),
+        ({"atomic": "yes"}, "atomic must be True or False, not 'yes' (str)"),
+        ({"required": None}, "required must be True or False, not None"),
+        ({"key": "order-1"}, "key must be a function of the arguments, not 'order-1' (str)"),
+        ({"fingerprint": 3}, "fingerprint must be a function of the arguments, not 3 (int)"),
+        ({"scope": ""}, "scope must be a non-empty string or a function of the arguments"),
+        ({"scope": 7}, "scope must be a non-empty string or a function of the arguments"),
+        ({"serializer": object()}, "serializer must be a serializer (with dumps() and loads())"),
+    ],
+)
+def test_a_wrong_option_is_refused_when_the_function_is_decorated(options, message):
+    def refund(order_id): ...
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        idempotent_function(**options)(refund)
+
+    assert str(caught.value).startswith(f"@idempotent_function on {__name__}.")
+    assert message in str(caught.value)
+
+
+def test_a_positional_option_of_idempotent_function_is_a_type_error():
+    with pytest.raises(TypeError, match="by keyword"):
+        idempotent_function("refund")
+
+
+def test_a_wrong_option_of_idempotent_call_is_refused_before_anything_is_claimed():
+    with (
+        pytest.raises(ImproperlyConfigured, match=r"'billing': wait must be a datetime"),
+        idempotent_call("invoice-1", scope="billing", wait=2),
+    ):
+        raise AssertionError("the block must not run")
+    assert not IdempotencyKey.objects.exists()

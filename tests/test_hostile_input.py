@@ -15,6 +15,7 @@ and ``max_examples`` from ``HYPOTHESIS_MAX_EXAMPLES`` (default 150 per test and 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -170,3 +171,79 @@ def test_any_body_is_never_a_5xx_and_a_rejection_stores_nothing(store, body, url
         assert again.content == response.content
         assert again["Idempotent-Replayed"] == "true"
         assert len(views.RUNS) == runs
+
+
+# -- Requests the store could not keep, or that did not arrive whole --------------------------
+
+
+@pytest.mark.parametrize("item", ["%00", "a%00b", "%00%00"])
+def test_a_path_holding_nul_is_refused_before_any_key_is_claimed(store, item):
+    # PostgreSQL text cannot hold NUL: without this check the claim's insert answers 500 there.
+    # Every database answers the same 400, so a client's behaviour does not depend on it.
+    client = Client(raise_request_exception=False)
+    before = _counts(store)
+
+    response = _post(client, f"/sync/items/{item}/", b'{"amount": 1}', "application/json", "k")
+
+    assert response.status_code == 400, response.content
+    assert _code(response) == "idempotency_request_invalid"
+    assert "NUL" in json.loads(response.content)["detail"]
+    assert _counts(store) == before
+
+
+def test_a_path_without_nul_is_served_under_the_same_route(store):
+    client = Client(raise_request_exception=False)
+
+    response = _post(client, "/sync/items/a%01b/", b'{"amount": 1}', "application/json", "k")
+
+    assert response.status_code == 201, response.content
+    assert store.get("k") is not None
+
+
+def _truncated(client: Client, url: str, body: bytes, content_type: str, length: int):
+    # What a server hands Django when a client sends fewer bytes than its Content-Length and
+    # then closes the connection: a stream that ends early.
+    return client.generic(
+        "POST",
+        url,
+        body,
+        content_type=content_type,
+        headers={"Idempotency-Key": "truncated"},
+        CONTENT_LENGTH=str(length),
+        **{"wsgi.input": io.BytesIO(body)},
+    )
+
+
+@pytest.mark.parametrize("url", URLS)
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'{"amount": 12', "application/json"),
+        (b"amount=12", "application/x-www-form-urlencoded"),
+        (b"\x00\x01", "application/octet-stream"),
+        (encode_multipart(BOUNDARY, {"amount": "12"})[:-20], MULTIPART_CONTENT),
+    ],
+    ids=["JSON", "form", "raw", "multipart"],
+)
+def test_a_body_shorter_than_its_content_length_is_refused_and_nothing_runs(
+    store, url, body, content_type
+):
+    client = Client(raise_request_exception=False)
+    before = _counts(store)
+
+    response = _truncated(client, url, body, content_type, len(body) + 50)
+
+    assert response.status_code == 400, response.content
+    assert _code(response) == "idempotency_request_invalid"
+    assert "Content-Length" in json.loads(response.content)["detail"]
+    assert _counts(store) == before, "the view ran on a truncated body, or its key was kept"
+
+
+def test_a_body_as_long_as_its_content_length_is_served(store):
+    client = Client(raise_request_exception=False)
+    body = encode_multipart(BOUNDARY, {"amount": "12"})
+
+    response = _truncated(client, "/sync/", body, MULTIPART_CONTENT, len(body))
+
+    assert response.status_code == 201, response.content
+    assert store.get("truncated") is not None

@@ -178,3 +178,50 @@ def test_the_cache_store_is_pinged(settings):
     assert store["ok"] is True
     assert store["kind"] == "cache"
     assert store["alias"] == "redis"
+
+
+@pytest.fixture
+def keys_table_missing(transactional_db):
+    """The keys table dropped, as in a deployment that forgot `migrate`; put back after."""
+    from django.db import connection
+
+    from django_idempotency.models import IdempotencyKey
+
+    with connection.schema_editor() as editor:
+        editor.delete_model(IdempotencyKey)
+    try:
+        yield
+    finally:
+        with connection.schema_editor() as editor:
+            editor.create_model(IdempotencyKey)
+
+
+def test_a_missing_table_is_reported_with_run_migrate(keys_table_missing):
+    with pytest.raises(CommandError) as caught:
+        _run()
+
+    assert "run `python manage.py migrate django_idempotency`" in str(caught.value)
+
+
+def test_a_keyed_request_without_the_table_answers_a_problem_and_logs_run_migrate(
+    keys_table_missing, caplog
+):
+    from django.test import Client
+
+    client = Client(raise_request_exception=False)
+
+    with caplog.at_level("ERROR", logger="django_idempotency"):
+        response = client.post(
+            "/sync/",
+            {"amount": 1},
+            content_type="application/json",
+            headers={"Idempotency-Key": "k"},
+        )
+
+    assert response.status_code == 503, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert json.loads(response.content)["code"] == "idempotency_store_unavailable"
+    assert any(
+        "run `python manage.py migrate django_idempotency`" in record.getMessage()
+        for record in caplog.records
+    )

@@ -12,6 +12,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.test import override_settings
 
+from django_idempotency import signals
 from django_idempotency.checks import check_middleware, check_settings
 from django_idempotency.middleware import IdempotencyMiddleware, view_options
 from tests import views
@@ -29,6 +30,19 @@ KEY = {"Idempotency-Key": "mw-key-1"}
 def middleware(settings):
     settings.MIDDLEWARE = [*settings.MIDDLEWARE, MIDDLEWARE_PATH]
     settings.IDEMPOTENCY_MIDDLEWARE_PATHS = [r"^/plain/", r"^/sync/$", r"^/apiview/$", r"^/api/$"]
+
+
+@pytest.fixture
+def claims():
+    """The modes of the claims made during the test (``signals.key_claimed``), in order."""
+    made: list[str] = []
+
+    def receiver(sender, mode, **kwargs):
+        made.append(mode)
+
+    signals.key_claimed.connect(receiver)
+    yield made
+    signals.key_claimed.disconnect(receiver)
 
 
 def _post(client, path, data=None, headers=KEY, **extra):
@@ -220,6 +234,44 @@ def test_an_api_view_under_idempotent_is_claimed_once(api_client, runs):
     assert runs == ["/api/"]
 
 
+@pytest.mark.skipif(not HAS_DRF, reason="Django REST Framework is not installed")
+@pytest.mark.parametrize("path", ["/override/apiview/", "/wrapped/apiview/"])
+def test_a_mixin_view_is_left_to_its_own_get_idempotency_options(
+    api_client, runs, claims, settings, path
+):
+    # RequiredByOverrideAPIView's attribute leaves the key optional, its override requires it;
+    # /wrapped/ serves it under a decorator written without functools.wraps.
+    settings.ROOT_URLCONF = "tests.openapi_views"
+    settings.IDEMPOTENCY_MIDDLEWARE_PATHS = [r"^/override/", r"^/wrapped/"]
+
+    missing = api_client.post(path, {"amount": 5}, format="json")
+    first = api_client.post(path, {"amount": 5}, format="json", headers=KEY)
+    second = api_client.post(path, {"amount": 5}, format="json", headers=KEY)
+
+    assert_problem(missing, 400, "idempotency_key_missing")
+    assert first.status_code == 201, first.content
+    assert second["Idempotent-Replayed"] == "true"
+    assert second.content == first.content
+    assert runs == [path]
+    assert claims == ["atomic"]  # the view's claim only: the middleware made none
+
+
+@pytest.mark.skipif(not HAS_DRF, reason="Django REST Framework is not installed")
+def test_an_api_view_under_a_decorator_without_wraps_is_claimed_once(
+    api_client, runs, claims, settings
+):
+    settings.ROOT_URLCONF = "tests.openapi_views"
+    settings.IDEMPOTENCY_MIDDLEWARE_PATHS = [r"^/wrapped/"]
+
+    first = api_client.post("/wrapped/api/", {"amount": 5}, format="json", headers=KEY)
+    second = api_client.post("/wrapped/api/", {"amount": 5}, format="json", headers=KEY)
+
+    assert first.status_code == 201, first.content
+    assert second["Idempotent-Replayed"] == "true"
+    assert runs == ["/wrapped/api/"]
+    assert claims == ["atomic"]
+
+
 # -- Finding a view's own protection -----------------------------------------------------------
 
 
@@ -239,6 +291,22 @@ def test_view_options_finds_idempotent_below_other_decorators():
     assert view_options(views.plain_charge, "POST") is None
     assert view_options(views.plain_async_charge, "POST") is None
     assert view_options(views.async_charge, "POST") is not None
+
+
+@pytest.mark.skipif(not HAS_DRF, reason="Django REST Framework is not installed")
+def test_a_mixin_view_protects_itself_and_no_options_are_copied_from_its_class():
+    from django_idempotency.middleware import protects_itself
+    from tests.openapi_views import RequiredByOverrideAPIView, RequiredByOverrideViewSet
+
+    view = RequiredByOverrideAPIView.as_view()
+    viewset = RequiredByOverrideViewSet.as_view({"post": "create", "delete": "destroy"})
+
+    for protected in (view, viewset):
+        # Whatever the methods, the view's own get_idempotency_options() decides per request.
+        assert protects_itself(protected, "POST")
+        assert protects_itself(protected, "DELETE")
+        # Only an instance knows its options: none are made up from the class attributes.
+        assert view_options(protected, "POST") is None
 
 
 def test_view_options_of_a_django_class_based_view():
@@ -310,3 +378,19 @@ def test_changed_paths_are_compiled_again(client, runs):
         _post(client, "/plain/")
 
     assert len(runs) == 2
+
+
+def test_a_bad_setting_stops_the_server_when_it_loads_the_middleware(settings):
+    # gunicorn and uvicorn run no system checks; they load the middleware at startup.
+    from django.core.exceptions import ImproperlyConfigured
+    from django.core.handlers.wsgi import WSGIHandler
+
+    settings.MIDDLEWARE = [
+        *settings.MIDDLEWARE,
+        "django_idempotency.middleware.IdempotencyMiddleware",
+    ]
+    settings.IDEMPOTENCY_MIDDLEWARE_PATHS = [r"^/"]
+    settings.IDEMPOTENCY_TTL = 3600
+
+    with pytest.raises(ImproperlyConfigured, match=r"\(django_idempotency\.E004\) IDEMPOTENCY_TTL"):
+        WSGIHandler()

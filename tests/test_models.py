@@ -55,12 +55,6 @@ def test_created_at_is_set_by_the_database():
     assert IdempotencyKey.objects.filter(pk=key.pk, created_at__lte=Now()).exists()
 
 
-def test_has_response_only_when_completed_with_a_body():
-    assert IdempotencyKeyFactory.build(completed=True).has_response
-    assert not IdempotencyKeyFactory.build(completed=True, response_body=None).has_response
-    assert not IdempotencyKeyFactory.build(in_progress=True).has_response
-
-
 def test_scope_and_key_are_unique_together():
     from django.db import IntegrityError, transaction
 

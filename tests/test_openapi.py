@@ -23,10 +23,11 @@ from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from django_idempotency.core import MAX_KEY_LENGTH
 from django_idempotency.decorators import idempotent
 from django_idempotency.openapi import IdempotencyViewExtension
 from django_idempotency.rest_framework import IdempotentMixin
-from tests import urls
+from tests import openapi_views, urls
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTPROJECT = ROOT / "testproject"
@@ -45,6 +46,16 @@ def _schema(*paths: str) -> dict:
     return SchemaGenerator(patterns=patterns).get_schema(request=None, public=True)
 
 
+def _router_schema(prefix: str) -> dict:
+    """The schema of the viewset ``tests.openapi_views`` registers under ``prefix``."""
+    patterns = [
+        pattern
+        for pattern in openapi_views.router.urls
+        if str(pattern.pattern).startswith(f"^{prefix}/")
+    ]
+    return SchemaGenerator(patterns=patterns).get_schema(request=None, public=True)
+
+
 def _header(operation: dict, name: str = "Idempotency-Key") -> dict | None:
     found = [
         parameter
@@ -60,6 +71,7 @@ def assert_documented(schema: dict, operation: dict, *, required: bool) -> None:
     assert header is not None, operation
     assert header["required"] is required
     assert "1 to 255 printable ASCII characters" in header["description"]
+    assert header["schema"]["maxLength"] == MAX_KEY_LENGTH
     assert '"abc"' in header["description"]
     for status, codes in CODES.items():
         response = operation["responses"][status]
@@ -225,6 +237,125 @@ def test_stored_server_errors_carry_the_replay_header_too():
 
     assert "Idempotent-Replayed" in responses["502"]["headers"]
     assert "Idempotent-Replayed" in responses["201"]["headers"]
+
+
+def test_the_key_header_schema_bounds_its_length():
+    operation = _schema("apiview/")["paths"]["/apiview/"]["post"]
+
+    schema = _header(operation)["schema"]
+
+    assert schema["minLength"] == 1
+    assert schema["maxLength"] == MAX_KEY_LENGTH == 255
+
+
+def test_every_response_a_replay_can_answer_carries_the_replay_header():
+    from django.urls import path
+    from drf_spectacular.utils import extend_schema
+
+    class RangesView(IdempotentMixin, APIView):
+        @extend_schema(
+            request=None,
+            responses={
+                "2XX": None,
+                302: None,
+                "4XX": None,
+                "5XX": None,
+                503: None,
+                "default": None,
+            },
+        )
+        def post(self, request):
+            return Response({})  # pragma: no cover - never called
+
+    schema = SchemaGenerator(patterns=[path("r/", RangesView.as_view())]).get_schema(
+        request=None, public=True
+    )
+    responses = schema["paths"]["/r/"]["post"]["responses"]
+
+    # Every returned response below 500 is stored (core._stored_response), so any of these
+    # statuses may be a replay; "default" stands for statuses the view left undocumented.
+    for status in ("2XX", "302", "4XX", "default"):
+        assert "Idempotent-Replayed" in responses[status]["headers"], status
+    for status in ("5XX", "503"):
+        assert "Idempotent-Replayed" not in responses[status].get("headers", {}), status
+    # This layer's own answers are never stored, so never replayed.
+    for status in ("409", "422"):
+        assert "Idempotent-Replayed" not in responses[status].get("headers", {}), status
+
+
+@override_settings(IDEMPOTENCY_STORE_SERVER_ERRORS=True)
+def test_a_server_error_range_carries_the_replay_header_when_server_errors_are_stored():
+    from django.urls import path
+    from drf_spectacular.utils import extend_schema
+
+    class ServerErrorRangeView(IdempotentMixin, APIView):
+        @extend_schema(request=None, responses={201: None, "5XX": None})
+        def post(self, request):
+            return Response({})  # pragma: no cover - never called
+
+    schema = SchemaGenerator(patterns=[path("s/", ServerErrorRangeView.as_view())]).get_schema(
+        request=None, public=True
+    )
+
+    assert "Idempotent-Replayed" in schema["paths"]["/s/"]["post"]["responses"]["5XX"]["headers"]
+
+
+# -- The view's own get_idempotency_options() -------------------------------------------------
+
+
+def test_an_override_that_requires_the_key_is_documented_as_required():
+    schema = _router_schema("override/required")
+    paths = schema["paths"]
+
+    assert_documented(schema, paths["/override/required/"]["post"], required=True)
+    assert_documented(schema, paths["/override/required/{id}/"]["patch"], required=True)
+
+
+def test_an_override_that_narrows_the_methods_documents_those_methods_only():
+    schema = _router_schema("override/post-only")
+    paths = schema["paths"]
+
+    assert_documented(schema, paths["/override/post-only/"]["post"], required=False)
+    assert_not_documented(paths["/override/post-only/{id}/"]["patch"])
+    assert_not_documented(paths["/override/post-only/{id}/"]["put"])
+
+
+def test_methods_passed_to_as_view_choose_the_documented_operations():
+    from django.urls import path
+
+    view = MixinView.as_view(idempotency_required=True, idempotency_methods=["PUT"])
+
+    schema = SchemaGenerator(patterns=[path("init/", view)]).get_schema(request=None, public=True)
+
+    # MixinView has post only: PUT, the one method covered, has no operation to document.
+    assert_not_documented(schema["paths"]["/init/"]["post"])
+
+
+def test_a_required_key_passed_to_as_view_is_documented_as_required():
+    from django.urls import path
+
+    view = MixinView.as_view(idempotency_required=True)
+
+    schema = SchemaGenerator(patterns=[path("init/", view)]).get_schema(request=None, public=True)
+
+    assert_documented(schema, schema["paths"]["/init/"]["post"], required=True)
+
+
+def test_a_viewset_without_a_docstring_is_not_described_by_the_mixin():
+    schema = _router_schema("undocumented")
+
+    operations = [operation for item in schema["paths"].values() for operation in item.values()]
+    assert len(operations) == 6
+    for operation in operations:
+        assert "description" not in operation, operation["description"]
+
+
+def test_a_viewset_keeps_a_docstring_of_its_own_or_of_a_base_after_the_mixin():
+    own = _router_schema("override/required")["paths"]["/override/required/"]
+    by_base = _router_schema("documented-by-base")["paths"]["/documented-by-base/"]
+
+    assert own["post"]["description"] == openapi_views.RequiredByOverrideViewSet.__doc__
+    assert by_base["post"]["description"] == openapi_views.DocumentedBase.__doc__
 
 
 # -- The demo project's /api/schema/ ----------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.test import RequestFactory
 
@@ -538,3 +539,58 @@ def test_mixin_keeps_its_promises_under_atomic_requests(
     assert len(runs) == 3
     assert charges_written() == 1
     assert store.count() == 1
+
+
+# -- Options are validated when the view is defined -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "message"),
+    [
+        ("idempotency_methods", "POST", "idempotency_methods must be a list or tuple of HTTP"),
+        ("idempotency_ttl", 3600, "idempotency_ttl must be a positive timedelta, not 3600"),
+        ("idempotency_wait", 2, "idempotency_wait must be a datetime.timedelta of zero or more"),
+        ("idempotency_required", "yes", "idempotency_required must be True or False"),
+        ("idempotency_atomic", 0, "idempotency_atomic must be True or False, not 0 (int)"),
+    ],
+)
+def test_a_wrong_attribute_is_refused_when_the_class_is_defined(attribute, value, message):
+    # idempotency_methods = "POST" used to cover the methods P, O, S and T: no protection.
+    with pytest.raises(ImproperlyConfigured) as caught:
+        type("OrderViewSet", (IdempotentMixin, ModelViewSet), {attribute: value})
+
+    assert str(caught.value).startswith(f"{__name__}.OrderViewSet: ")
+    assert message in str(caught.value)
+
+
+def test_a_wrong_option_given_to_as_view_is_refused_there():
+    class OrderView(IdempotentMixin, APIView):
+        def post(self, request):
+            return Response(status=201)
+
+    with pytest.raises(ImproperlyConfigured, match=r"OrderView: idempotency_ttl must be"):
+        OrderView.as_view(idempotency_ttl=3600)
+    assert OrderView.as_view(idempotency_ttl=timedelta(hours=1)) is not None
+
+
+def test_a_viewset_as_view_with_actions_still_validates_and_routes():
+    class OrderViewSet(IdempotentMixin, ModelViewSet):
+        queryset = Charge.objects.all()
+
+    with pytest.raises(ImproperlyConfigured, match=r"idempotency_methods must be"):
+        OrderViewSet.as_view({"post": "create"}, idempotency_methods="POST")
+    assert OrderViewSet.as_view({"post": "create"}) is not None
+
+
+def test_an_override_returning_wrong_options_names_the_view_and_the_option():
+    class OrderView(IdempotentMixin, APIView):
+        def get_idempotency_options(self):
+            self.idempotency_wait = 2  # chosen per request, say
+            return super().get_idempotency_options()
+
+        def post(self, request):
+            return Response(status=201)
+
+    request = APIRequestFactory().post("/", {}, format="json", HTTP_IDEMPOTENCY_KEY="k")
+    with pytest.raises(ImproperlyConfigured, match=r"OrderView: idempotency_wait must be"):
+        OrderView.as_view()(request)

@@ -38,6 +38,7 @@ urlpatterns = [
     path("plain/again/", views.plain_charge),
     path("plain/async/", views.plain_async_charge),
     path("sync/wait/", views.sync_charge_wait),
+    path("sync/items/<str:item>/", views.sync_charge_item),
     path("race/", include("tests.race_urls")),
     *_patterns("sync/lease/", views.sync_view, atomic=False),
     *_patterns("sync/", views.sync_view),

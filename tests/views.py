@@ -145,6 +145,12 @@ def sync_charge(request):
     return _charge(request)
 
 
+@idempotent
+def sync_charge_item(request, item):
+    """Under a path with a part of the client's choosing (``/sync/items/<item>/``)."""
+    return _charge(request)
+
+
 @idempotent(required=True)
 def sync_charge_required(request):
     return _charge(request)

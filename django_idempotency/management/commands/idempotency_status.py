@@ -15,7 +15,7 @@ from django.db.models import Count
 
 from django_idempotency.conf import Settings, conf, get_store
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import CacheStore, DatabaseStore
+from django_idempotency.stores import NOT_MIGRATED, CacheStore, DatabaseStore, is_missing_schema
 
 
 def _setting_names() -> list[str]:
@@ -56,7 +56,10 @@ def _database_health() -> dict[str, Any]:
         health["keys"] = {state: states.get(state, 0) for state in IdempotencyKey.State.values}
         health["expired"] = keys.expired().count()
     except DatabaseError as exc:
-        health.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}".strip()
+        if is_missing_schema(exc):
+            error = f"{NOT_MIGRATED.format(alias=alias)} ({error})"
+        health.update(ok=False, error=error)
     else:
         health["ok"] = True
     return health
