@@ -72,14 +72,22 @@ def validate_methods(value: object) -> frozenset[str]:
     return frozenset(method.upper() for method in value)
 
 
+#: The longest duration a setting or option may be: 100 years, far within what every database
+#: and Redis can add to their clocks (a larger TTL overflowed at request time).
+MAX_DURATION = timedelta(days=36500)
+
+
 def validate_duration(value: object, *, assign: str, zero_allowed: bool) -> timedelta:
-    """A ``timedelta`` (positive, or zero too). ``assign`` is how the user sets it
-    (``IDEMPOTENCY_TTL = ``, ``ttl=``, ``idempotency_ttl = ``), for the hint."""
+    """A ``timedelta``, positive (or zero too) and at most :data:`MAX_DURATION`. ``assign`` is
+    how the user sets it (``IDEMPOTENCY_TTL = ``, ``ttl=``, ``idempotency_ttl = ``), for the
+    hint."""
     if isinstance(value, timedelta) and (
-        value > timedelta(0) or (zero_allowed and value == timedelta(0))
+        timedelta(0) < value <= MAX_DURATION or (zero_allowed and value == timedelta(0))
     ):
         return value
     wanted = "a datetime.timedelta of zero or more" if zero_allowed else "a positive timedelta"
+    if isinstance(value, timedelta) and value > MAX_DURATION:
+        wanted = f"a timedelta of at most {MAX_DURATION.days} days"
     raise InvalidValue(
         f"must be {wanted}, not {describe(value)}.",
         hint=f"Durations are timedelta objects: {assign}timedelta(seconds=30).",

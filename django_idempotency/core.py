@@ -42,6 +42,7 @@ from django_idempotency.conf import (
     SAFE_METHODS,
     InvalidValue,
     conf,
+    describe,
     get_fingerprint_function,
     get_scope_function,
     get_store,
@@ -105,10 +106,24 @@ def _validate_wait(value: object, name: str) -> timedelta:
     return validate_duration(value, assign=f"{name}=", zero_allowed=True)
 
 
+def _validate_view_methods(value: object, name: str) -> frozenset[str]:
+    methods = validate_methods(value)
+    if not methods - SAFE_METHODS:
+        # The setting may be empty (every view then names its own); a view's own list that
+        # covers nothing can only be a mistake that leaves the view unprotected.
+        raise InvalidValue(
+            f"must name at least one method to cover, not {describe(value)}: safe methods "
+            f"({', '.join(sorted(SAFE_METHODS))}) are never covered, so the view would not "
+            "be protected.",
+            hint='For example ("POST", "PATCH").',
+        )
+    return methods
+
+
 _OPTION_VALIDATORS: dict[str, Callable[[object, str], object]] = {
     "required": lambda value, name: validate_bool(value),
     "ttl": _validate_ttl,
-    "methods": lambda value, name: validate_methods(value),
+    "methods": _validate_view_methods,
     "atomic": lambda value, name: validate_bool(value),
     "wait": _validate_wait,
 }

@@ -129,6 +129,8 @@ BAD_SETTINGS = [
     ("IDEMPOTENCY_TTL", 3600, "E004", "must be a positive timedelta, not 3600 (int)"),
     ("IDEMPOTENCY_TTL", timedelta(0), "E004", "must be a positive timedelta"),
     ("IDEMPOTENCY_TTL", timedelta(seconds=-1), "E004", "must be a positive timedelta"),
+    ("IDEMPOTENCY_TTL", timedelta(days=36501), "E004", "must be a timedelta of at most 36500"),
+    ("IDEMPOTENCY_LOCK_TTL", timedelta.max, "E006", "must be a timedelta of at most 36500 days"),
     ("IDEMPOTENCY_WAIT", 5, "E005", "must be a datetime.timedelta of zero or more, not 5"),
     ("IDEMPOTENCY_WAIT", timedelta(seconds=-1), "E005", "of zero or more"),
     ("IDEMPOTENCY_LOCK_TTL", timedelta(0), "E006", "must be a positive timedelta"),

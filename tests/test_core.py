@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import RequestFactory
 from django.test.client import encode_multipart
@@ -522,7 +523,9 @@ def test_covered_methods_never_include_a_safe_method(settings, safe):
     settings.IDEMPOTENCY_METHODS = [safe, "POST"]
 
     assert Options().covered_methods == {"POST"}
-    assert Options(methods=[safe]).covered_methods == set()
+    assert Options(methods=[safe, "put"]).covered_methods == {"PUT"}
+    with pytest.raises(ImproperlyConfigured, match="never covered"):
+        Options(methods=[safe])  # a view's own list that covers nothing is a mistake
 
 
 def test_multipart_patch_fingerprint_covers_its_fields_but_not_its_boundary():
