@@ -533,11 +533,16 @@ def ensure_valid_settings() -> None:
     """
     if _validated.is_set():
         return
+    silenced = set(getattr(settings, "SILENCED_SYSTEM_CHECKS", ()))
     messages = [
-        *check_settings(),
-        *check_unknown_settings(),
-        *check_store_cache(),
-        *check_replay_cache(),
+        message
+        for message in (
+            *check_settings(),
+            *check_unknown_settings(),
+            *check_store_cache(),
+            *check_replay_cache(),
+        )
+        if message.id not in silenced  # as `manage.py check` does
     ]
     errors = [message for message in messages if message.is_serious()]
     if errors:
@@ -557,5 +562,5 @@ def _format(message: checks.CheckMessage) -> str:
 
 @receiver(setting_changed)
 def _revalidate(*, setting: str, **kwargs: Any) -> None:
-    if setting.startswith("IDEMPOTENCY_") or setting == "CACHES":
+    if setting.startswith("IDEMPOTENCY_") or setting in ("CACHES", "SILENCED_SYSTEM_CHECKS"):
         _validated.clear()

@@ -580,3 +580,13 @@ def test_an_unknown_setting_is_logged_once_at_the_first_covered_request(settings
         "(django_idempotency.W009) IDEMPOTENCY_REQUIERED is not a django-idempotency setting, "
         "so it has no effect. HINT: Did you mean IDEMPOTENCY_REQUIRED?"
     ]
+
+
+def test_a_silenced_check_is_silent_at_the_first_covered_request_too(settings, caplog):
+    settings.IDEMPOTENCY_REQUIERED = True
+    settings.SILENCED_SYSTEM_CHECKS = ["django_idempotency.W009"]
+
+    with caplog.at_level("WARNING", logger="django_idempotency"):
+        assert _keyed_post().status_code == 201
+
+    assert not [r for r in caplog.records if "W009" in r.getMessage()]
