@@ -217,7 +217,7 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
 
 def _check_header() -> CheckMessages:
     value = conf.IDEMPOTENCY_HEADER
-    if isinstance(value, str) and TOKEN.match(value):
+    if isinstance(value, str) and TOKEN.fullmatch(value):
         return []
     return [
         _error(

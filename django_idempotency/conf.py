@@ -25,7 +25,8 @@ DEFAULT_SERIALIZER = "django_idempotency.functions.JSONSerializer"
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # RFC 9110 "token": the characters a header field name (and a method name) may hold.
-TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Use fullmatch(): "$" would also match before a final newline ("POST\n").
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 # -- Validators ---------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def validate_methods(value: object) -> frozenset[str]:
     """A collection of HTTP method names, upper-cased. A string is refused: it is a sequence
     of letters, and ``"POST"`` would otherwise mean the methods P, O, S and T."""
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(
-        isinstance(method, str) and TOKEN.match(method) for method in value
+        isinstance(method, str) and TOKEN.fullmatch(method) for method in value
     ):
         raise InvalidValue(
             f"must be a list or tuple of HTTP method names, not {describe(value)}.",

@@ -254,12 +254,20 @@ def request_fingerprint(request: HttpRequest) -> str:
 
 def _charset(request: HttpRequest) -> str:
     """The codec Django decodes the request's query and form body with (and DRF its JSON
-    body): the Content-Type's valid charset, else DEFAULT_CHARSET; by its canonical name."""
+    body): the Content-Type's valid charset, else DEFAULT_CHARSET; by its canonical name.
+
+    Django keeps any charset that ``codecs`` knows, including codecs that are not text
+    encodings (``base64``, ``zlib``): such a request cannot be decoded, by the view either.
+    """
     name = request.encoding or settings.DEFAULT_CHARSET
     try:
-        return codecs.lookup(name).name
+        info = codecs.lookup(name)
     except LookupError:  # pragma: no cover - Django keeps only charsets that codecs knows
         return name.lower()
+    # How bytes.decode() itself tells a bytes-to-bytes codec, which it refuses.
+    if not getattr(info, "_is_text_encoding", True):
+        raise RequestInvalid(RequestInvalid.charset_detail)
+    return info.name
 
 
 def _parse_pairs(text: str, charset: str = "utf-8") -> list[tuple[str, str]]:
@@ -317,7 +325,13 @@ def _loads(text: str | bytes) -> Any:
 def _canonical_json(value: Any) -> str:
     """``value`` re-encoded with sorted keys, no whitespace and its numbers as written."""
     if isinstance(value, _Number):
-        return str(value)
+        text = str(value)
+        if "e" in text or "E" in text:
+            # One spelling of the exponent (1E5, 1e+5 and 1e05 are one number to every
+            # parser); the mantissa as written (1.0e5 is not 1e5 to Decimal).
+            mantissa, _, exponent = text.lower().partition("e")
+            return f"{mantissa}e{int(exponent)}"
+        return text
     if isinstance(value, dict):
         items = sorted(value.items())
         return "{" + ",".join(f"{_string(k)}:{_canonical_json(v)}" for k, v in items) + "}"
@@ -925,6 +939,11 @@ def _check_body_complete(request: HttpRequest) -> None:
             return
         received = position
     else:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and expected > limit:
+            # Not read by the fingerprint (a custom one): a large upload the view streams.
+            # Reading it here would refuse it as too large.
+            return
         try:
             received = len(request.body)
         except (SuspiciousOperation, MultiPartParserError) as exc:

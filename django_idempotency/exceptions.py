@@ -81,6 +81,11 @@ class RequestInvalid(IdempotencyError):
         "The request body is shorter than its Content-Length header says: it was cut off on "
         "the way, so it was not processed. Send the whole body again with the same key."
     )
+    #: The detail for a Content-Type charset that is not a text encoding (``base64``).
+    charset_detail = _(
+        "The charset of the Content-Type header is not a text encoding, so the request "
+        "cannot be decoded. Use UTF-8."
+    )
     #: The detail for a path that no store can keep, such as one holding NUL (%00).
     unstorable_path_detail = _(
         "The request path holds characters that cannot be stored with its idempotency key "

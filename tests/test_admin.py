@@ -393,6 +393,17 @@ def test_search_finds_a_scope_exactly(admin_client):
     assert listed(changelist(admin_client, q=" user:4 ")) == [mine.key]
 
 
+@pytest.mark.parametrize("term", ["\0", "order\0", "/api/\0"])
+def test_search_for_a_term_holding_nul_is_refused_on_every_database(admin_client, term):
+    # PostgreSQL refuses NUL in a text parameter: Django's search form refuses such a term
+    # (ProhibitNullCharactersValidator) before get_search_results() could send it.
+    IdempotencyKeyFactory(key="other")
+
+    response = changelist(admin_client, q=term)
+
+    assert "Null characters are not allowed." in response.content.decode()
+
+
 def test_search_by_path_prefix(admin_client):
     order = IdempotencyKeyFactory(path="/api/orders/12/")
     IdempotencyKeyFactory(path="/api/payments/")

@@ -288,6 +288,32 @@ def test_json_written_differently_with_the_same_numbers_has_the_same_fingerprint
     assert fingerprint(_json(one)) == fingerprint(_json(other))
 
 
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ('{"a": 1E5}', '{"a": 1e5}'),
+        ('{"a": 1e+5}', '{"a": 1e5}'),
+        ('{"a": 1e05}', '{"a": 1e5}'),
+        ('{"a": [2.5E-3]}', '{"a": [2.5e-03]}'),
+    ],
+    ids=["exponent letter", "exponent sign", "exponent zeros", "negative exponent"],
+)
+def test_one_exponent_spelled_differently_has_the_same_fingerprint(one, other):
+    # Every parser reads these as one number (float and Decimal alike): a client library
+    # that spells exponents differently on a retry must get the replay, not a 422.
+    assert fingerprint(_json(one)) == fingerprint(_json(other))
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [('{"a": 1.0e5}', '{"a": 1e5}'), ('{"a": 1e5}', '{"a": 100000}')],
+    ids=["mantissa precision", "exponent and integer"],
+)
+def test_exponent_numbers_keep_their_mantissa_as_written(one, other):
+    # Decimal("1.0e5") is not Decimal("1e5"): their precision differs.
+    assert fingerprint(_json(one)) != fingerprint(_json(other))
+
+
 def test_json_fingerprint_is_unchanged_for_integers_and_plain_decimals():
     # Fingerprints stored before numbers were kept as written must still match after an
     # upgrade for the usual bodies: the canonical form of these is what it was.
@@ -326,6 +352,15 @@ def test_a_charset_applies_to_the_query_string_too():
     utf8 = factory.post("/orders/?name=%E9", content_type="text/plain")
 
     assert len({fingerprint(one), fingerprint(other), fingerprint(utf8)}) == 3
+
+
+@pytest.mark.parametrize("charset", ["base64", "zlib", "rot13", "hex"])
+def test_a_charset_that_is_not_a_text_encoding_is_an_unreadable_request(charset):
+    # Django keeps any charset codecs knows; these decode bytes to bytes, not to text.
+    with pytest.raises(RequestInvalid) as caught:
+        fingerprint(_encoded(b'{"a": 1}', charset, "application/json"))
+
+    assert "not a text encoding" in str(caught.value.detail)
 
 
 @pytest.mark.parametrize("charset", ["utf-8", "UTF-8", "utf8", "no-such-charset"])

@@ -961,6 +961,7 @@ def test_decorator_above_api_view_names_the_users_function():
         ({"ttl": timedelta(days=999_999)}, "ttl must be a timedelta of at most 36500 days"),
         ({"ttl": timedelta.max}, "ttl must be a timedelta of at most 36500 days"),
         ({"methods": []}, "methods must name at least one method to cover, not []"),
+        ({"methods": ("POST\n",)}, "methods must be a list or tuple of HTTP method names"),
         ({"methods": ["GET", "head"]}, "safe methods (GET, HEAD, OPTIONS, TRACE) are never"),
         ({"wait": 2}, "wait must be a datetime.timedelta of zero or more, not 2 (int)"),
         ({"wait": timedelta(seconds=-1)}, "wait must be a datetime.timedelta of zero or more"),

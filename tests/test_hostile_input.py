@@ -247,3 +247,27 @@ def test_a_body_as_long_as_its_content_length_is_served(store):
 
     assert response.status_code == 201, response.content
     assert store.get("truncated") is not None
+
+
+def test_a_charset_that_is_not_a_text_encoding_is_a_400_not_a_500(store):
+    client = Client(raise_request_exception=False)
+    before = _counts(store)
+
+    response = _post(client, "/sync/", b'{"amount": 1}', "application/json; charset=base64", "k")
+
+    assert response.status_code == 400, response.content
+    assert _code(response) == "idempotency_request_invalid"
+    assert _counts(store) == before
+
+
+def test_a_large_upload_a_custom_fingerprint_does_not_read_is_still_served(store, settings):
+    # The length check reads no body the fingerprint left unread: a view that streams large
+    # uploads can be protected by a fingerprint of its own (docs/contract.md, "Fingerprint").
+    settings.IDEMPOTENCY_FINGERPRINT = "tests.views.method_and_path_fingerprint"
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    client = Client(raise_request_exception=False)
+
+    response = _post(client, "/sync/", b"x" * 5000, "application/octet-stream", "big")
+
+    assert response.status_code == 201, response.content
+    assert store.get("big") is not None
