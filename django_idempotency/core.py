@@ -61,14 +61,8 @@ from django_idempotency.exceptions import (
     RequestInvalid,
     StoreUnavailable,
 )
-from django_idempotency.stores import (
-    ClaimRequest,
-    KeyLocked,
-    PhasedStore,
-    Record,
-    Store,
-    StoredResponse,
-)
+from django_idempotency.records import ClaimRequest, Record, StoredResponse, digest
+from django_idempotency.stores import KeyLocked, PhasedStore, Store
 
 logger = logging.getLogger("django_idempotency")
 
@@ -692,9 +686,7 @@ class Run:
             if claim is None:
                 derived = uuid.uuid4().hex
             else:
-                parts = [claim.scope, claim.key, claim.fingerprint, name]
-                text = json.dumps(parts, ensure_ascii=False).encode("utf-8", "surrogatepass")
-                derived = hashlib.sha256(text).hexdigest()
+                derived = digest([claim.scope, claim.key, claim.fingerprint, name])
             self._foreign_keys[name] = derived
         return derived
 
@@ -902,7 +894,7 @@ def _fit(value: str, length: int) -> str:
     can store (NUL, lone surrogates: a scope made of a header, say), replaced by its digest."""
     if len(value) <= length and storable(value):
         return value
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return digest(value)
 
 
 def storable(text: str) -> bool:

@@ -18,7 +18,6 @@ used with other arguments (:class:`IdempotencyKeyMismatch`), a call with the key
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from django_idempotency.exceptions import (
     IdempotencyKeyMissing,
     IdempotencyResponseNotStored,
 )
-from django_idempotency.stores import ClaimRequest, StoredResponse
+from django_idempotency.records import ClaimRequest, StoredResponse, digest
 
 __all__ = [
     "IdempotentCall",
@@ -523,7 +522,7 @@ def _digest(value: Any, *, what: str) -> str:
             f"Cannot compute {what} of an idempotent call: {exc}. Pass fingerprint= (a function "
             "of the arguments returning JSON-serialisable data that describes the call)."
         ) from exc
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return digest(text)
 
 
 def _for_calls(exc: IdempotencyError, name: str) -> IdempotencyError:

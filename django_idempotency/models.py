@@ -12,7 +12,7 @@ from django.db.models.deletion import Collector
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
-from django_idempotency import replay_cache
+from django_idempotency import records, replay_cache
 from django_idempotency.conf import conf
 
 
@@ -406,8 +406,8 @@ class IdempotencyKey(models.Model):
     """An idempotency key and, once its request has finished, the response to replay."""
 
     class State(models.TextChoices):
-        IN_PROGRESS = "in_progress", _("in progress")
-        COMPLETED = "completed", _("completed")
+        IN_PROGRESS = records.IN_PROGRESS, _("in progress")
+        COMPLETED = records.COMPLETED, _("completed")
 
     scope = ExactCharField(_("scope"), max_length=255)
     key = ExactCharField(_("key"), max_length=255)

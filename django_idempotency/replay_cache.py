@@ -13,19 +13,14 @@ logs a warning and the database answers instead.
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from django.core.cache import BaseCache, caches
 
 from django_idempotency.conf import conf
-
-if TYPE_CHECKING:
-    from django_idempotency.stores import Record, StoredResponse
+from django_idempotency.records import COMPLETED, Record, StoredResponse, digest
 
 logger = logging.getLogger("django_idempotency")
 
@@ -40,8 +35,7 @@ def enabled() -> bool:
 
 def cache_key(scope: str, key: str) -> str:
     """The cache key of (scope, key): a digest, so any scope and key fit any cache backend."""
-    name = json.dumps([scope, key], ensure_ascii=False).encode("utf-8", "surrogatepass")
-    return PREFIX + hashlib.sha256(name).hexdigest()
+    return PREFIX + digest([scope, key])
 
 
 def _cache() -> BaseCache | None:
@@ -51,8 +45,6 @@ def _cache() -> BaseCache | None:
 
 def lookup(scope: str, key: str) -> Record | None:
     """The completed record cached for (scope, key), or ``None`` (a miss, or no cache)."""
-    from django_idempotency.stores import COMPLETED, Record, StoredResponse
-
     cache = _cache()
     if cache is None:
         return None

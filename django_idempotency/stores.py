@@ -6,13 +6,11 @@ requests for the same key; ``core`` decides what each record means for the reque
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -34,54 +32,30 @@ from django.utils.duration import duration_microseconds
 from django_idempotency import replay_cache
 from django_idempotency.exceptions import StoreUnavailable
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.records import (
+    COMPLETED,
+    IN_PROGRESS,
+    ClaimRequest,
+    Record,
+    StoredResponse,
+    digest,
+)
+
+# The records are defined in ``records``; importing them from here keeps working.
+__all__ = [
+    "COMPLETED",
+    "IN_PROGRESS",
+    "CacheStore",
+    "ClaimRequest",
+    "DatabaseStore",
+    "KeyLocked",
+    "PhasedStore",
+    "Record",
+    "Store",
+    "StoredResponse",
+]
 
 logger = logging.getLogger("django_idempotency")
-
-IN_PROGRESS = IdempotencyKey.State.IN_PROGRESS.value
-COMPLETED = IdempotencyKey.State.COMPLETED.value
-
-
-@dataclass(frozen=True)
-class StoredResponse:
-    """A response as kept for replay. ``body`` is ``None`` when it could not be stored."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes | None
-
-
-@dataclass(frozen=True)
-class Record:
-    """A key's record as a store sees it at one moment."""
-
-    fingerprint: str
-    state: str
-    owner_token: str
-    response: StoredResponse | None
-    #: ``False`` once the key's TTL has passed (on the store's clock).
-    live: bool
-    #: Seconds left on an unfinished lease-mode request's lease; ``None`` when it has none.
-    lease_remaining: float | None = None
-    #: The phases its request committed, in order, as ``(name, result)`` pairs. Only the
-    #: owner's record carries them: the one a claim returns, kept from an abandoned claim.
-    recovery_points: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def completed(self) -> bool:
-        return self.state == COMPLETED
-
-
-@dataclass(frozen=True)
-class ClaimRequest:
-    """What a store needs to claim a key for one request."""
-
-    scope: str
-    key: str
-    fingerprint: str
-    method: str
-    path: str
-    token: str
-    ttl: timedelta
 
 
 class KeyLocked(Exception):
@@ -810,9 +784,7 @@ class CacheStore:
 
     def _run(self, script: str, claim_scope: str, claim_key: str, *args: Any) -> Any:
         cache, client = self._client()
-        name = json.dumps([claim_scope, claim_key], ensure_ascii=False)
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
-        redis_key = cache.make_key(f"django_idempotency:key:{digest}")
+        redis_key = cache.make_key(f"django_idempotency:key:{digest([claim_scope, claim_key])}")
         with _redis_errors():
             return client.register_script(script)(keys=[redis_key], args=list(args))
 
