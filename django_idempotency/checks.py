@@ -12,6 +12,7 @@ import difflib
 import logging
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -22,12 +23,15 @@ from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from django_idempotency.conf import (
+    DEFAULTS,
+    RENAMED,
     SAFE_METHODS,
     TOKEN,
     InvalidValue,
-    Settings,
     conf,
     describe,
+    raw,
+    setting_name,
     validate_bool,
     validate_duration,
     validate_integer,
@@ -63,6 +67,7 @@ _MIDDLEWARE_BEFORE = (
 def register() -> None:
     checks.register(check_settings)
     checks.register(check_unknown_settings)
+    checks.register(check_renamed_settings)
     checks.register(check_middleware)
     checks.register(check_store_cache, checks.Tags.caches)
     checks.register(check_replay_cache, checks.Tags.caches)
@@ -81,96 +86,146 @@ def _invalid(setting: str, exc: InvalidValue, id: str) -> CheckMessages:
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
-    """The type and range of every ``IDEMPOTENCY_*`` setting, and that dotted paths import."""
-    return [
-        *_check_header(),
-        *_check_bool("IDEMPOTENCY_REQUIRED", conf.IDEMPOTENCY_REQUIRED, "django_idempotency.E002"),
-        *_check_methods(),
-        *_check_duration(
-            "IDEMPOTENCY_TTL", conf.IDEMPOTENCY_TTL, "django_idempotency.E004", zero_allowed=False
-        ),
-        *_check_duration(
-            "IDEMPOTENCY_WAIT", conf.IDEMPOTENCY_WAIT, "django_idempotency.E005", zero_allowed=True
-        ),
-        *_check_duration(
-            "IDEMPOTENCY_LOCK_TTL",
-            conf.IDEMPOTENCY_LOCK_TTL,
-            "django_idempotency.E006",
-            zero_allowed=False,
-        ),
-        *_check_store(),
-        *_check_callable("IDEMPOTENCY_SCOPE", conf.IDEMPOTENCY_SCOPE, "django_idempotency.E008"),
-        *_check_callable(
-            "IDEMPOTENCY_FINGERPRINT", conf.IDEMPOTENCY_FINGERPRINT, "django_idempotency.E009"
-        ),
-        *_check_integer(
-            "IDEMPOTENCY_MAX_RESPONSE_SIZE",
-            conf.IDEMPOTENCY_MAX_RESPONSE_SIZE,
-            "django_idempotency.E010",
-            minimum=0,
-        ),
-        *_check_bool(
-            "IDEMPOTENCY_STORE_SERVER_ERRORS",
-            conf.IDEMPOTENCY_STORE_SERVER_ERRORS,
-            "django_idempotency.E011",
-        ),
-        *_check_bool(
-            "IDEMPOTENCY_FAIL_OPEN", conf.IDEMPOTENCY_FAIL_OPEN, "django_idempotency.E017"
-        ),
-        *_check_integer(
-            "IDEMPOTENCY_PURGE_BATCH_SIZE",
-            conf.IDEMPOTENCY_PURGE_BATCH_SIZE,
-            "django_idempotency.E013",
-            minimum=1,
-        ),
-        *_check_middleware_paths(),
-        *_check_serializer(),
-    ]
+    """The type and range of every ``IDEMPOTENCY_*`` setting, and that dotted paths import.
+
+    Each setting is checked as the project wrote it (``conf.raw``): ``conf`` normalises some
+    values, and a str of methods would otherwise pass as a set of letters.
+    """
+    messages: CheckMessages = []
+    for name, (check_id, validate) in _VALIDATORS.items():
+        written = setting_name(name)  # the old name, if that is the one the project set
+        try:
+            validate(raw(name), f"{written} = ")
+        except InvalidValue as exc:
+            messages.append(_error(written, exc.problem, check_id, exc.hint))
+    messages += _check_safe_methods()
+    return messages
 
 
-def _check_serializer() -> CheckMessages:
-    setting, id = "IDEMPOTENCY_SERIALIZER", "django_idempotency.E019"
-    serializer, errors = _import(setting, conf.IDEMPOTENCY_SERIALIZER, id)
-    if errors:
-        return errors
-    missing = [name for name in ("dumps", "loads") if not callable(getattr(serializer, name, None))]
-    if not hasattr(serializer, "content_type"):
-        missing.append("content_type")
-    if isinstance(serializer, type) and not missing:
-        return []
-    return [
-        _error(
-            setting,
-            f"names {conf.IDEMPOTENCY_SERIALIZER!r}, which is not a serializer class"
-            + (f": it has no {', '.join(missing)}." if missing else "."),
-            id,
-            hint="A serializer class has content_type, dumps(value) -> bytes and "
-            "loads(bytes); see docs/functions.md.",
+def _validate_header(value: object, assign: str) -> None:
+    if not (isinstance(value, str) and TOKEN.fullmatch(value)):
+        raise InvalidValue(
+            f"must be a header name (letters, digits and !#$%&'*+-.^_`|~), not {describe(value)}.",
+            hint='The default is "Idempotency-Key".',
         )
-    ]
 
 
-def _check_middleware_paths() -> CheckMessages:
-    # Read as written: conf turns the value into a tuple (a str would become its letters).
-    value = getattr(settings, "IDEMPOTENCY_MIDDLEWARE_PATHS", ())
-    problem = None
+def _validate_import(value: object) -> Any:
+    """The object that the dotted path ``value`` names."""
+    if not isinstance(value, str):
+        raise InvalidValue(f"must be a dotted path, not {describe(value)}.")
+    try:
+        return import_string(value)
+    except ImportError as exc:
+        raise InvalidValue(f"names {value!r}, which cannot be imported: {exc}") from None
+
+
+def _validate_class(
+    value: object, *, kind: str, methods: tuple[str, ...], attributes: tuple[str, ...], hint: str
+) -> None:
+    found = _validate_import(value)
+    missing = [name for name in methods if not callable(getattr(found, name, None))]
+    missing += [name for name in attributes if not hasattr(found, name)]
+    if isinstance(found, type) and not missing:
+        return
+    raise InvalidValue(
+        f"names {value!r}, which is not a {kind} class"
+        + (f": it has no {', '.join(missing)}." if missing else "."),
+        hint=hint,
+    )
+
+
+def _validate_store(value: object, assign: str) -> None:
+    _validate_class(
+        value,
+        kind="store",
+        methods=_STORE_METHODS,
+        attributes=("supports_atomic",),
+        hint="A store implements django_idempotency.stores.Store; see docs/stores.md.",
+    )
+
+
+def _validate_serializer(value: object, assign: str) -> None:
+    _validate_class(
+        value,
+        kind="serializer",
+        methods=("dumps", "loads"),
+        attributes=("content_type",),
+        hint="A serializer class has content_type, dumps(value) -> bytes and loads(bytes); "
+        "see docs/functions.md.",
+    )
+
+
+def _validate_callable(value: object, assign: str) -> None:
+    if not callable(_validate_import(value)):
+        raise InvalidValue(f"names {value!r}, which is not callable.")
+
+
+def _validate_paths(value: object, assign: str) -> None:
+    hint = 'For example [r"^/api/", r"^/checkout/pay/$"], searched in request.path_info.'
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
-        problem = f"must be a list or tuple of regular expressions, not {_describe(value)}."
-    else:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                problem = f"holds {pattern!r}, which is not a regular expression: {exc}."
-                break
-    if problem is None:
+        raise InvalidValue(
+            f"must be a list or tuple of regular expressions, not {describe(value)}.", hint=hint
+        )
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InvalidValue(
+                f"holds {pattern!r}, which is not a regular expression: {exc}.", hint=hint
+            ) from None
+
+
+def _duration(*, zero_allowed: bool) -> Callable[[object, str], object]:
+    return lambda value, assign: validate_duration(value, assign=assign, zero_allowed=zero_allowed)
+
+
+def _integer(minimum: int) -> Callable[[object, str], object]:
+    return lambda value, assign: validate_integer(value, minimum=minimum)
+
+
+def _flag(value: object, assign: str) -> object:
+    return validate_bool(value)
+
+
+#: Each setting's check id and validator (which raises ``InvalidValue``). Ids are stable; the
+#: cache settings are checked by check_store_cache and check_replay_cache, with their caches.
+_VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
+    "IDEMPOTENCY_HEADER": ("django_idempotency.E001", _validate_header),
+    "IDEMPOTENCY_REQUIRED": ("django_idempotency.E002", _flag),
+    "IDEMPOTENCY_METHODS": (
+        "django_idempotency.E003",
+        lambda value, assign: validate_methods(value),
+    ),
+    "IDEMPOTENCY_TTL": ("django_idempotency.E004", _duration(zero_allowed=False)),
+    "IDEMPOTENCY_WAIT": ("django_idempotency.E005", _duration(zero_allowed=True)),
+    "IDEMPOTENCY_LEASE": ("django_idempotency.E006", _duration(zero_allowed=False)),
+    "IDEMPOTENCY_STORE": ("django_idempotency.E007", _validate_store),
+    "IDEMPOTENCY_SCOPE": ("django_idempotency.E008", _validate_callable),
+    "IDEMPOTENCY_FINGERPRINT": ("django_idempotency.E009", _validate_callable),
+    "IDEMPOTENCY_MAX_RESPONSE_SIZE": ("django_idempotency.E010", _integer(0)),
+    "IDEMPOTENCY_STORE_SERVER_ERRORS": ("django_idempotency.E011", _flag),
+    "IDEMPOTENCY_PURGE_BATCH_SIZE": ("django_idempotency.E013", _integer(1)),
+    "IDEMPOTENCY_FAIL_OPEN": ("django_idempotency.E017", _flag),
+    "IDEMPOTENCY_MIDDLEWARE_PATHS": ("django_idempotency.E018", _validate_paths),
+    "IDEMPOTENCY_SERIALIZER": ("django_idempotency.E019", _validate_serializer),
+}
+
+
+def _check_safe_methods() -> CheckMessages:
+    try:
+        methods = validate_methods(raw("IDEMPOTENCY_METHODS"))
+    except InvalidValue:
+        return []  # E003
+    safe = sorted(methods & SAFE_METHODS)
+    if not safe:
         return []
     return [
-        _error(
-            "IDEMPOTENCY_MIDDLEWARE_PATHS",
-            problem,
-            "django_idempotency.E018",
-            hint='For example [r"^/api/", r"^/checkout/pay/$"], searched in request.path_info.',
+        checks.Warning(
+            f"IDEMPOTENCY_METHODS lists {', '.join(safe)}: safe methods are never covered, "
+            "so listing them has no effect.",
+            hint="Remove them from IDEMPOTENCY_METHODS.",
+            id="django_idempotency.W002",
         )
     ]
 
@@ -213,100 +268,6 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
             )
         )
     return messages
-
-
-def _check_header() -> CheckMessages:
-    value = conf.IDEMPOTENCY_HEADER
-    if isinstance(value, str) and TOKEN.fullmatch(value):
-        return []
-    return [
-        _error(
-            "IDEMPOTENCY_HEADER",
-            f"must be a header name (letters, digits and !#$%&'*+-.^_`|~), not {_describe(value)}.",
-            "django_idempotency.E001",
-            hint='The default is "Idempotency-Key".',
-        )
-    ]
-
-
-def _check_bool(setting: str, value: object, id: str) -> CheckMessages:
-    try:
-        validate_bool(value)
-    except InvalidValue as exc:
-        return _invalid(setting, exc, id)
-    return []
-
-
-def _check_methods() -> CheckMessages:
-    # Read as written: conf normalises the value (a str would become a set of letters).
-    try:
-        methods = validate_methods(getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH")))
-    except InvalidValue as exc:
-        return _invalid("IDEMPOTENCY_METHODS", exc, "django_idempotency.E003")
-    safe = sorted(methods & SAFE_METHODS)
-    if not safe:
-        return []
-    return [
-        checks.Warning(
-            f"IDEMPOTENCY_METHODS lists {', '.join(safe)}: safe methods are never covered, "
-            "so listing them has no effect.",
-            hint="Remove them from IDEMPOTENCY_METHODS.",
-            id="django_idempotency.W002",
-        )
-    ]
-
-
-def _check_duration(setting: str, value: object, id: str, *, zero_allowed: bool) -> CheckMessages:
-    try:
-        validate_duration(value, assign=f"{setting} = ", zero_allowed=zero_allowed)
-    except InvalidValue as exc:
-        return _invalid(setting, exc, id)
-    return []
-
-
-def _check_integer(setting: str, value: object, id: str, *, minimum: int) -> CheckMessages:
-    try:
-        validate_integer(value, minimum=minimum)
-    except InvalidValue as exc:
-        return _invalid(setting, exc, id)
-    return []
-
-
-def _import(setting: str, path: object, id: str) -> tuple[Any, CheckMessages]:
-    """The object that the dotted path ``path`` names, or the error that says why not."""
-    if not isinstance(path, str):
-        return None, [_error(setting, f"must be a dotted path, not {_describe(path)}.", id)]
-    try:
-        return import_string(path), []
-    except ImportError as exc:
-        return None, [_error(setting, f"names {path!r}, which cannot be imported: {exc}", id)]
-
-
-def _check_store() -> CheckMessages:
-    store, errors = _import("IDEMPOTENCY_STORE", conf.IDEMPOTENCY_STORE, "django_idempotency.E007")
-    if errors:
-        return errors
-    missing = [name for name in _STORE_METHODS if not callable(getattr(store, name, None))]
-    if not hasattr(store, "supports_atomic"):
-        missing.append("supports_atomic")
-    if callable(store) and not missing:
-        return []
-    return [
-        _error(
-            "IDEMPOTENCY_STORE",
-            f"names {conf.IDEMPOTENCY_STORE!r}, which is not a store class"
-            + (f": it has no {', '.join(missing)}." if missing else "."),
-            "django_idempotency.E007",
-            hint="A store implements django_idempotency.stores.Store; see docs/stores.md.",
-        )
-    ]
-
-
-def _check_callable(setting: str, path: object, id: str) -> CheckMessages:
-    function, errors = _import(setting, path, id)
-    if errors or callable(function):
-        return errors
-    return [_error(setting, f"names {path!r}, which is not callable.", id)]
 
 
 def _cache_store_alias() -> str | None:
@@ -511,7 +472,25 @@ def check_unknown_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessa
 
 
 def _known_settings() -> frozenset[str]:
-    return frozenset(name for name in vars(Settings) if name.startswith("IDEMPOTENCY_"))
+    return frozenset(DEFAULTS) | frozenset(RENAMED)
+
+
+def check_renamed_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """W010: a setting set under its old name, which still works."""
+    messages: CheckMessages = []
+    for old, new in RENAMED.items():
+        if not hasattr(settings, old):
+            continue
+        both = hasattr(settings, new)
+        messages.append(
+            checks.Warning(
+                f"{old} is the old name of {new}"
+                + (f", and {new} is set too: {old} is ignored." if both else "; it still works."),
+                hint=f"Rename it {new}." if not both else f"Remove {old}.",
+                id="django_idempotency.W010",
+            )
+        )
+    return messages
 
 
 # -- The checks where `manage.py check` never runs --------------------------------------------
@@ -539,6 +518,7 @@ def ensure_valid_settings() -> None:
         for message in (
             *check_settings(),
             *check_unknown_settings(),
+            *check_renamed_settings(),
             *check_store_cache(),
             *check_replay_cache(),
         )

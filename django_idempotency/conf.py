@@ -102,80 +102,145 @@ def validate_integer(value: object, *, minimum: int) -> int:
     raise InvalidValue(f"must be {wanted}, not {describe(value)}.")
 
 
+#: Every setting and its default: the one place both are written. ``conf``, the system
+#: checks and ``manage.py idempotency_status`` read it; docs/settings.md describes each.
+DEFAULTS: dict[str, Any] = {
+    "IDEMPOTENCY_HEADER": "Idempotency-Key",
+    "IDEMPOTENCY_REQUIRED": False,
+    "IDEMPOTENCY_METHODS": ("POST", "PATCH"),
+    "IDEMPOTENCY_TTL": timedelta(hours=24),
+    "IDEMPOTENCY_WAIT": timedelta(0),
+    "IDEMPOTENCY_LEASE": timedelta(seconds=30),
+    "IDEMPOTENCY_STORE": DEFAULT_STORE,
+    "IDEMPOTENCY_SCOPE": DEFAULT_SCOPE,
+    "IDEMPOTENCY_FINGERPRINT": DEFAULT_FINGERPRINT,
+    "IDEMPOTENCY_MAX_RESPONSE_SIZE": 1024 * 1024,
+    "IDEMPOTENCY_STORE_SERVER_ERRORS": False,
+    "IDEMPOTENCY_REPLAY_CACHE": None,
+    "IDEMPOTENCY_STORE_CACHE": "default",
+    "IDEMPOTENCY_FAIL_OPEN": False,
+    "IDEMPOTENCY_SERIALIZER": DEFAULT_SERIALIZER,
+    "IDEMPOTENCY_PURGE_BATCH_SIZE": 1000,
+    "IDEMPOTENCY_MIDDLEWARE_PATHS": (),
+}
+
+#: Settings that were renamed: old name -> new name. The old name is still read when the new
+#: one is not set, and check W010 asks for the new one.
+RENAMED: dict[str, str] = {"IDEMPOTENCY_LOCK_TTL": "IDEMPOTENCY_LEASE"}
+
+# How a value is kept once read: a list of methods as an upper-cased set, paths as a tuple.
+_NORMALIZE: dict[str, Callable[[Any], Any]] = {
+    "IDEMPOTENCY_METHODS": lambda methods: frozenset(method.upper() for method in methods),
+    "IDEMPOTENCY_MIDDLEWARE_PATHS": tuple,
+}
+
+
+def setting_name(name: str) -> str:
+    """The name under which the project set ``name``: an old name when only that is set."""
+    if not hasattr(settings, name):
+        for old, new in RENAMED.items():
+            if new == name and hasattr(settings, old):
+                return old
+    return name
+
+
+def raw(name: str) -> Any:
+    """A setting as the project wrote it (under its old name, if renamed), else its default."""
+    return getattr(settings, setting_name(name), DEFAULTS[name])
+
+
 class Settings:
-    """Read ``IDEMPOTENCY_*`` settings at call time, with their defaults.
+    """Read ``IDEMPOTENCY_*`` settings at call time, with their defaults from :data:`DEFAULTS`.
 
     Properties are uncached on purpose, so ``override_settings`` needs no reload logic.
     """
 
+    @staticmethod
+    def read(name: str) -> Any:
+        """The setting ``name`` as the code uses it (normalised), or its default."""
+        value = raw(name)
+        normalize = _NORMALIZE.get(name)
+        return value if normalize is None else normalize(value)
+
+    @staticmethod
+    def default(name: str) -> Any:
+        """What :meth:`read` answers for ``name`` when the project sets nothing."""
+        value = DEFAULTS[name]
+        normalize = _NORMALIZE.get(name)
+        return value if normalize is None else normalize(value)
+
     @property
     def IDEMPOTENCY_HEADER(self) -> str:
-        return getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key")
+        return self.read("IDEMPOTENCY_HEADER")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_REQUIRED(self) -> bool:
-        return getattr(settings, "IDEMPOTENCY_REQUIRED", False)
+        return self.read("IDEMPOTENCY_REQUIRED")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_METHODS(self) -> frozenset[str]:
-        methods = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
-        return frozenset(method.upper() for method in methods)
+        return self.read("IDEMPOTENCY_METHODS")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_TTL(self) -> timedelta:
-        return getattr(settings, "IDEMPOTENCY_TTL", timedelta(hours=24))
+        return self.read("IDEMPOTENCY_TTL")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_WAIT(self) -> timedelta:
-        return getattr(settings, "IDEMPOTENCY_WAIT", timedelta(0))
+        return self.read("IDEMPOTENCY_WAIT")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_LEASE(self) -> timedelta:
+        return self.read("IDEMPOTENCY_LEASE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_LOCK_TTL(self) -> timedelta:
-        return getattr(settings, "IDEMPOTENCY_LOCK_TTL", timedelta(seconds=30))
+        """The old name of :attr:`IDEMPOTENCY_LEASE`, kept for code that reads it."""
+        return self.IDEMPOTENCY_LEASE
 
     @property
     def IDEMPOTENCY_STORE(self) -> str:
-        return getattr(settings, "IDEMPOTENCY_STORE", DEFAULT_STORE)
+        return self.read("IDEMPOTENCY_STORE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_SCOPE(self) -> str:
-        return getattr(settings, "IDEMPOTENCY_SCOPE", DEFAULT_SCOPE)
+        return self.read("IDEMPOTENCY_SCOPE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_FINGERPRINT(self) -> str:
-        return getattr(settings, "IDEMPOTENCY_FINGERPRINT", DEFAULT_FINGERPRINT)
+        return self.read("IDEMPOTENCY_FINGERPRINT")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_MAX_RESPONSE_SIZE(self) -> int:
-        return getattr(settings, "IDEMPOTENCY_MAX_RESPONSE_SIZE", 1024 * 1024)
+        return self.read("IDEMPOTENCY_MAX_RESPONSE_SIZE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_STORE_SERVER_ERRORS(self) -> bool:
-        return getattr(settings, "IDEMPOTENCY_STORE_SERVER_ERRORS", False)
+        return self.read("IDEMPOTENCY_STORE_SERVER_ERRORS")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_REPLAY_CACHE(self) -> str | None:
-        return getattr(settings, "IDEMPOTENCY_REPLAY_CACHE", None)
+        return self.read("IDEMPOTENCY_REPLAY_CACHE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_STORE_CACHE(self) -> str:
-        return getattr(settings, "IDEMPOTENCY_STORE_CACHE", "default")
+        return self.read("IDEMPOTENCY_STORE_CACHE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_FAIL_OPEN(self) -> bool:
-        return getattr(settings, "IDEMPOTENCY_FAIL_OPEN", False)
+        return self.read("IDEMPOTENCY_FAIL_OPEN")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_SERIALIZER(self) -> str:
-        return getattr(settings, "IDEMPOTENCY_SERIALIZER", DEFAULT_SERIALIZER)
+        return self.read("IDEMPOTENCY_SERIALIZER")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_PURGE_BATCH_SIZE(self) -> int:
-        return getattr(settings, "IDEMPOTENCY_PURGE_BATCH_SIZE", 1000)
+        return self.read("IDEMPOTENCY_PURGE_BATCH_SIZE")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_MIDDLEWARE_PATHS(self) -> tuple[str, ...]:
-        return tuple(getattr(settings, "IDEMPOTENCY_MIDDLEWARE_PATHS", ()))
+        return self.read("IDEMPOTENCY_MIDDLEWARE_PATHS")  # type: ignore[no-any-return]
 
 
 conf = Settings()

@@ -67,7 +67,7 @@ class IdempotencyKeyInvalid(IdempotencyError):
     )
 
 
-class RequestInvalid(IdempotencyError):
+class IdempotencyRequestInvalid(IdempotencyError):
     status_code = 400
     default_code = "idempotency_request_invalid"
     default_title = _("Request unreadable")
@@ -133,7 +133,7 @@ class IdempotencyKeyMismatch(IdempotencyError):
     )
 
 
-class StoreUnavailable(IdempotencyError):
+class IdempotencyStoreUnavailable(IdempotencyError):
     status_code = 503
     default_code = "idempotency_store_unavailable"
     default_title = _("Idempotency store unavailable")
@@ -155,3 +155,9 @@ class IdempotencyLeaseLost(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(f"Idempotency key {key!r} was taken over by another attempt.")
         self.key = key
+
+
+# The names these two had before every error of this layer carried the ``Idempotency``
+# prefix. Kept, as the same classes, for code that imports or catches them.
+RequestInvalid = IdempotencyRequestInvalid
+StoreUnavailable = IdempotencyStoreUnavailable

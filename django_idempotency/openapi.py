@@ -33,7 +33,9 @@ def _errors_by_status() -> dict[int, list[type[exceptions.IdempotencyError]]]:
     found: dict[int, list[type[exceptions.IdempotencyError]]] = {}
     for _, cls in inspect.getmembers(exceptions, inspect.isclass):
         if issubclass(cls, exceptions.IdempotencyError) and cls is not exceptions.IdempotencyError:
-            found.setdefault(cls.status_code, []).append(cls)
+            classes = found.setdefault(cls.status_code, [])
+            if cls not in classes:  # a class is listed once, whatever its aliases
+                classes.append(cls)
     return {status: sorted(found[status], key=lambda cls: cls.default_code) for status in found}
 
 

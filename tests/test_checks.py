@@ -132,11 +132,11 @@ BAD_SETTINGS = [
     ("IDEMPOTENCY_TTL", timedelta(0), "E004", "must be a positive timedelta"),
     ("IDEMPOTENCY_TTL", timedelta(seconds=-1), "E004", "must be a positive timedelta"),
     ("IDEMPOTENCY_TTL", timedelta(days=36501), "E004", "must be a timedelta of at most 36500"),
-    ("IDEMPOTENCY_LOCK_TTL", timedelta.max, "E006", "must be a timedelta of at most 36500 days"),
+    ("IDEMPOTENCY_LEASE", timedelta.max, "E006", "must be a timedelta of at most 36500 days"),
     ("IDEMPOTENCY_WAIT", 5, "E005", "must be a datetime.timedelta of zero or more, not 5"),
     ("IDEMPOTENCY_WAIT", timedelta(seconds=-1), "E005", "of zero or more"),
-    ("IDEMPOTENCY_LOCK_TTL", timedelta(0), "E006", "must be a positive timedelta"),
-    ("IDEMPOTENCY_LOCK_TTL", 30, "E006", "not 30 (int)"),
+    ("IDEMPOTENCY_LEASE", timedelta(0), "E006", "must be a positive timedelta"),
+    ("IDEMPOTENCY_LEASE", 30, "E006", "not 30 (int)"),
     (
         "IDEMPOTENCY_STORE",
         "no.such.Store",
@@ -283,7 +283,7 @@ def test_every_check_id_in_the_source_is_tested():
     in_source = set(re.findall(r"django_idempotency\.([EW]\d{3})", source))
     tested = (
         {check_id for _, _, check_id, _ in BAD_SETTINGS}
-        | {"E012", "W001", "W002", "W003", "W009"}
+        | {"E012", "W001", "W002", "W003", "W009", "W010"}
         | {"W006", "W007", "W008"}  # tests/test_middleware.py
         | {
             "E014",
@@ -592,3 +592,43 @@ def test_a_silenced_check_is_silent_at_the_first_covered_request_too(settings, c
         assert _keyed_post().status_code == 201
 
     assert not [r for r in caplog.records if "W009" in r.getMessage()]
+
+
+# -- W010: a setting under its old name ------------------------------------------------------
+
+
+def test_w010_the_old_name_of_a_renamed_setting_still_works_and_is_reported(settings):
+    settings.IDEMPOTENCY_LOCK_TTL = timedelta(seconds=10)
+
+    [message] = checks_module.check_renamed_settings()
+
+    assert message.id == "django_idempotency.W010"
+    assert isinstance(message, CheckWarning)
+    assert message.msg == (
+        "IDEMPOTENCY_LOCK_TTL is the old name of IDEMPOTENCY_LEASE; it still works."
+    )
+    assert message.hint == "Rename it IDEMPOTENCY_LEASE."
+    assert conf.IDEMPOTENCY_LEASE == timedelta(seconds=10)
+
+
+def test_w010_says_which_wins_when_both_names_are_set(settings):
+    settings.IDEMPOTENCY_LOCK_TTL = timedelta(seconds=10)
+    settings.IDEMPOTENCY_LEASE = timedelta(seconds=20)
+
+    [message] = checks_module.check_renamed_settings()
+
+    assert "IDEMPOTENCY_LOCK_TTL is ignored" in message.msg
+    assert conf.IDEMPOTENCY_LEASE == timedelta(seconds=20)
+
+
+def test_a_wrong_value_under_the_old_name_is_reported_under_that_name(settings):
+    settings.IDEMPOTENCY_LOCK_TTL = 30
+
+    [message] = [m for m in check_settings() if m.id == "django_idempotency.E006"]
+
+    assert message.msg.startswith("IDEMPOTENCY_LOCK_TTL must be a positive timedelta")
+    assert "IDEMPOTENCY_LOCK_TTL = timedelta(seconds=30)" in message.hint
+
+
+def test_w010_is_silent_without_the_old_name():
+    assert checks_module.check_renamed_settings() == []

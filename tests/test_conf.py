@@ -8,6 +8,7 @@ import pytest
 from django.test import override_settings
 
 from django_idempotency.conf import (
+    DEFAULTS,
     conf,
     get_fingerprint_function,
     get_scope_function,
@@ -24,6 +25,8 @@ SETTINGS = [
     ("IDEMPOTENCY_METHODS", frozenset({"POST", "PATCH"}), ["put", "Post"], {"PUT", "POST"}),
     ("IDEMPOTENCY_TTL", timedelta(hours=24), timedelta(days=7), timedelta(days=7)),
     ("IDEMPOTENCY_WAIT", timedelta(0), timedelta(seconds=5), timedelta(seconds=5)),
+    ("IDEMPOTENCY_LEASE", timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=2)),
+    # The old name of IDEMPOTENCY_LEASE: conf still answers it, and reads it when set.
     ("IDEMPOTENCY_LOCK_TTL", timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=2)),
     (
         "IDEMPOTENCY_STORE",
@@ -135,3 +138,23 @@ def test_changing_another_setting_keeps_the_cached_store(settings):
     settings.IDEMPOTENCY_TTL = timedelta(hours=1)
 
     assert get_store() is store
+
+
+def test_the_old_name_of_the_lease_is_read_when_the_new_one_is_not_set(settings):
+    settings.IDEMPOTENCY_LOCK_TTL = timedelta(minutes=3)
+
+    assert conf.IDEMPOTENCY_LEASE == timedelta(minutes=3)
+
+
+def test_the_new_name_of_the_lease_wins_over_the_old_one(settings):
+    settings.IDEMPOTENCY_LOCK_TTL = timedelta(minutes=3)
+    settings.IDEMPOTENCY_LEASE = timedelta(minutes=1)
+
+    assert conf.IDEMPOTENCY_LEASE == conf.IDEMPOTENCY_LOCK_TTL == timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_each_default_is_what_conf_answers_when_nothing_is_set(name):
+    # DEFAULTS is the one place a default is written; conf, the checks and
+    # idempotency_status read it.
+    assert getattr(conf, name) == conf.default(name)

@@ -31,8 +31,9 @@ def _package_sources() -> dict[str, str]:
 
 
 def _settings() -> list[str]:
-    """Every ``IDEMPOTENCY_*`` setting: the ``conf`` properties, and any read elsewhere."""
-    names = {name for name in vars(conf.Settings) if name.startswith("IDEMPOTENCY_")}
+    """Every ``IDEMPOTENCY_*`` setting: ``conf.DEFAULTS``, and any read elsewhere. (A renamed
+    setting's old name, ``conf.RENAMED``, is documented under its new name.)"""
+    names = set(conf.DEFAULTS)
     read = re.compile(
         r"""getattr\(\s*settings\s*,\s*["'](IDEMPOTENCY_\w+)["']|\bsettings\.(IDEMPOTENCY_\w+)"""
     )
@@ -132,3 +133,8 @@ def test_every_import_in_the_docs_exists(module, name):
     if module == "django_idempotency.rest_framework":
         pytest.importorskip("rest_framework", reason="Django REST Framework is not installed")
     assert hasattr(importlib.import_module(module), name), f"from {module} import {name}"
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(conf.RENAMED.items()))
+def test_a_renamed_settings_old_name_is_named_in_its_new_section(old, new):
+    assert f"`{old}`" in _settings_sections()[new]

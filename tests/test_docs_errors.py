@@ -30,11 +30,13 @@ ERRORS_PAGE = f"{_repo_url()}/blob/main/docs/errors.md"
 
 
 def _error_classes() -> list[type[exceptions.IdempotencyError]]:
-    return [
+    # Each class once: a former name is an alias of the same class (RequestInvalid).
+    found = {
         cls
         for _, cls in inspect.getmembers(exceptions, inspect.isclass)
         if issubclass(cls, exceptions.IdempotencyError)
-    ]
+    }
+    return sorted(found, key=lambda cls: cls.__name__)
 
 
 def _codes() -> list[str]:
@@ -107,3 +109,20 @@ def test_the_readme_has_links():
 def test_every_readme_link_is_absolute(link):
     # PyPI shows the README without the repository: a relative link leads nowhere there.
     assert re.match(r"https?://", link), f"README.md links to {link!r}; use an absolute URL"
+
+
+def test_every_error_class_carries_the_idempotency_prefix():
+    assert [
+        cls.__name__ for cls in _error_classes() if not cls.__name__.startswith("Idempotency")
+    ] == []
+
+
+@pytest.mark.parametrize(
+    ("former", "current"),
+    [
+        ("RequestInvalid", "IdempotencyRequestInvalid"),
+        ("StoreUnavailable", "IdempotencyStoreUnavailable"),
+    ],
+)
+def test_a_former_exception_name_is_the_same_class(former, current):
+    assert getattr(exceptions, former) is getattr(exceptions, current)

@@ -41,7 +41,7 @@ APPS = [
 extra = {}
 if PEER == "ours":
     APPS.append("django_idempotency")
-    extra["IDEMPOTENCY_LOCK_TTL"] = __import__("datetime").timedelta(seconds=1)
+    extra["IDEMPOTENCY_LEASE"] = __import__("datetime").timedelta(seconds=1)
 elif PEER == "django-idempotency-key":
     MIDDLEWARE.append("idempotency_key.middleware.ExemptIdempotencyKeyMiddleware")
     extra["IDEMPOTENCY_KEY"] = {

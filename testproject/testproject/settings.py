@@ -170,7 +170,7 @@ if "drf_spectacular" in INSTALLED_APPS:
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_METHODS = ["POST", "PATCH"]
 IDEMPOTENCY_TTL = timedelta(hours=24)
-IDEMPOTENCY_LOCK_TTL = timedelta(seconds=30)
+IDEMPOTENCY_LEASE = timedelta(seconds=30)
 IDEMPOTENCY_STORE = os.environ.get("IDEMPOTENCY_STORE", "django_idempotency.stores.DatabaseStore")
 IDEMPOTENCY_REPLAY_CACHE = os.environ.get("IDEMPOTENCY_REPLAY_CACHE") or None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from django.core import checks
@@ -12,26 +11,15 @@ from django.core.cache import caches
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 from django.db.models import Count
+from django.utils.module_loading import import_string
 
-from django_idempotency.conf import Settings, conf, get_store
+from django_idempotency.conf import DEFAULTS, conf, get_store
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import NOT_MIGRATED, CacheStore, DatabaseStore, is_missing_schema
 
 
 def _setting_names() -> list[str]:
-    return sorted(name for name in vars(Settings) if name.startswith("IDEMPOTENCY_"))
-
-
-def _defaults() -> dict[str, Any]:
-    """Each setting's default: what ``conf`` answers when the project sets nothing."""
-    from django_idempotency import conf as conf_module
-
-    project_settings = vars(conf_module)["settings"]
-    setattr(conf_module, "settings", SimpleNamespace())  # noqa: B010
-    try:
-        return {name: getattr(conf, name) for name in _setting_names()}
-    finally:
-        setattr(conf_module, "settings", project_settings)  # noqa: B010
+    return sorted(DEFAULTS)
 
 
 def _show(value: Any) -> Any:
@@ -104,20 +92,17 @@ class Command(BaseCommand):
             raise CommandError(f"The idempotency store is unreachable: {report['store']['error']}")
 
     def report(self) -> dict[str, Any]:
-        defaults = _defaults()
         settings_report = {
             name: {
                 "value": _show(value),
                 "repr": repr(value),
-                "default": value == defaults[name],
+                "default": value == conf.default(name),
             }
             for name, value in ((name, getattr(conf, name)) for name in _setting_names())
         }
         store_path = conf.IDEMPOTENCY_STORE
         store_class: Any = None
         try:
-            from django.utils.module_loading import import_string
-
             store_class = import_string(store_path)
         except ImportError as exc:
             store = {"kind": "unknown", "ok": False, "error": f"{store_path}: {exc}"}
