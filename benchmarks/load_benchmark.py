@@ -85,8 +85,8 @@ BODY = b'{"sku": "BOOK-1", "quantity": 2, "customer": "c-4242"}'
 FILL_TAG = 0x0F111
 TEMPLATE_KEY = "0000ffff-0000-4000-8000-000000000000"
 
-# The other packages named in DESIGN.md, as a user would install them. Each gets a virtualenv
-# with the same Django, DRF and drivers as the main one.
+# The other packages compared in docs/comparison.md, as a user would install them. Each gets a
+# virtualenv with the same Django, DRF and drivers as the main one.
 PEERS = [
     "django-idempotency-key",
     "djangorestframework-idempotency-key",

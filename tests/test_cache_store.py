@@ -1,6 +1,6 @@
 """The cache store's own guarantees, against a real Redis (``REDIS_URL``).
 
-DESIGN.md, "Two execution modes", the lease mode: a claim is set-if-absent; every write after
+docs/modes.md, "The lease mode": a claim is set-if-absent; every write after
 it is fenced by the owner token, so a request whose lease was taken over can neither complete,
 release nor renew the new owner's record; only a dead request's passed lease is taken over,
 and only by the same request; a live lease outlives the key's TTL and is renewed while the

@@ -1,12 +1,13 @@
 """Same-key requests racing across the worker processes of a real gunicorn, on the cache store.
 
-DESIGN.md: simultaneous duplicates run the view exactly once, whichever process receives
-them. The test threads in ``tests/test_cache_store.py`` share one process; here 16 requests
-sent at once over HTTP reach four sync worker processes of a real gunicorn, whose only shared
-state is Redis. The app (``tests/gunicorn_settings.py``, ``tests/gunicorn_views.py``) counts
-its views' runs with a Redis ``INCR``: a counter in a process's memory would not see the other
-workers, and pytest-django's in-memory SQLite test database is not shared across processes
-either, so a Redis counter works the same on every database the suite runs on.
+docs/contract.md and docs/modes.md: simultaneous duplicates run the view exactly once, whichever
+process receives them. The test threads in ``tests/test_cache_store.py`` share one process; here
+16 requests sent at once over HTTP reach four sync worker processes of a real gunicorn, whose
+only shared state is Redis. The app (``tests/gunicorn_settings.py``,
+``tests/gunicorn_views.py``) counts its views' runs with a Redis ``INCR``: a counter in a
+process's memory would not see the other workers, and pytest-django's in-memory SQLite test
+database is not shared across processes either, so a Redis counter works the same on every
+database the suite runs on.
 """
 
 from __future__ import annotations

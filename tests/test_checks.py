@@ -608,7 +608,7 @@ def test_w010_the_old_name_of_a_renamed_setting_still_works_and_is_reported(sett
         "IDEMPOTENCY_LOCK_TTL is the old name of IDEMPOTENCY_LEASE; it still works."
     )
     assert message.hint == "Rename it IDEMPOTENCY_LEASE."
-    assert conf.IDEMPOTENCY_LEASE == timedelta(seconds=10)
+    assert timedelta(seconds=10) == conf.IDEMPOTENCY_LEASE
 
 
 def test_w010_says_which_wins_when_both_names_are_set(settings):
@@ -618,7 +618,7 @@ def test_w010_says_which_wins_when_both_names_are_set(settings):
     [message] = checks_module.check_renamed_settings()
 
     assert "IDEMPOTENCY_LOCK_TTL is ignored" in message.msg
-    assert conf.IDEMPOTENCY_LEASE == timedelta(seconds=20)
+    assert timedelta(seconds=20) == conf.IDEMPOTENCY_LEASE
 
 
 def test_a_wrong_value_under_the_old_name_is_reported_under_that_name(settings):

@@ -1,10 +1,10 @@
 """Races of real threads and real processes against PostgreSQL and MariaDB.
 
-DESIGN.md, "Two execution modes": simultaneous duplicates run a view exactly once, a slow
-lease-mode request keeps its key, a dead worker's key is freed (by the database in the atomic
-mode, by its lease in the lease mode) and nothing it half-wrote survives, keys never cross
-users. Nothing is mocked: each thread sends its request through Django's test client with a
-database connection of its own, and a "worker" is a separate Python process that the test
+docs/modes.md (the atomic and the lease mode): simultaneous duplicates run a view exactly once,
+a slow lease-mode request keeps its key, a dead worker's key is freed (by the database in the
+atomic mode, by its lease in the lease mode) and nothing it half-wrote survives, keys never
+cross users. Nothing is mocked: each thread sends its request through Django's test client with
+a database connection of its own, and a "worker" is a separate Python process that the test
 kills with SIGKILL.
 
 These tests need row locks, so they are skipped on SQLite; run them with

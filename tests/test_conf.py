@@ -143,7 +143,7 @@ def test_changing_another_setting_keeps_the_cached_store(settings):
 def test_the_old_name_of_the_lease_is_read_when_the_new_one_is_not_set(settings):
     settings.IDEMPOTENCY_LOCK_TTL = timedelta(minutes=3)
 
-    assert conf.IDEMPOTENCY_LEASE == timedelta(minutes=3)
+    assert timedelta(minutes=3) == conf.IDEMPOTENCY_LEASE
 
 
 def test_the_new_name_of_the_lease_wins_over_the_old_one(settings):

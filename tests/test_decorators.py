@@ -1,4 +1,4 @@
-"""The request contract (DESIGN.md) through ``@idempotent`` on function views.
+"""The request contract (docs/contract.md) through ``@idempotent`` on function views.
 
 Every row runs against four kinds of view: ``sync`` (the atomic mode), ``lease``
 (``@idempotent(atomic=False)``), ``async`` (always the lease mode) and ``api`` (a sync view under

@@ -1,10 +1,10 @@
 """Isolation and secrets: keys never cross callers; cookies, credentials and bodies never leak.
 
-DESIGN.md: keys live in a scope, and one caller never receives a response another produced;
-``Set-Cookie`` is never stored; and (issue #6) ``Authorization`` is never stored and logs never
-carry a stored body. The same key is sent by anonymous and authenticated callers in two
-tenants (a custom ``IDEMPOTENCY_SCOPE``), with each store. That the admin shows stored bodies
-only with the view permission is proved by ``tests/test_admin.py``
+docs/contract.md, "Scope": keys live in a scope, and one caller never receives a response
+another produced; ``Set-Cookie`` is never stored; and (issue #6) ``Authorization`` is never
+stored and logs never carry a stored body. The same key is sent by anonymous and authenticated
+callers in two tenants (a custom ``IDEMPOTENCY_SCOPE``), with each store. That the admin shows
+stored bodies only with the view permission is proved by ``tests/test_admin.py``
 (``test_stored_responses_are_shown_with_the_view_permission``,
 ``test_stored_responses_are_hidden_without_the_view_permission``).
 """

@@ -1,12 +1,12 @@
 """The cache store when Redis fails: killed, paused, or down with ``IDEMPOTENCY_FAIL_OPEN``.
 
-DESIGN.md: when the store is unreachable the answer is ``503 idempotency_store_unavailable``
-with ``Retry-After``, the view does not run (unless ``IDEMPOTENCY_FAIL_OPEN`` says so), and
-nothing is stored. Each test starts a ``redis-server`` of its own on a free port, so it can
-kill it (SIGKILL), pause it (SIGSTOP: connections stay open but nothing answers, like a server
-stuck in a long command or a network that drops packets) and start it again on the same port.
-Its cache alias sets 0.5 s socket timeouts, which bound how long a request waits for a
-server that does not answer.
+docs/contract.md, "Answers": when the store is unreachable the answer is ``503
+idempotency_store_unavailable`` with ``Retry-After``, the view does not run (unless
+``IDEMPOTENCY_FAIL_OPEN`` says so), and nothing is stored. Each test starts a ``redis-server``
+of its own on a free port, so it can kill it (SIGKILL), pause it (SIGSTOP: connections stay open
+but nothing answers, like a server stuck in a long command or a network that drops packets) and
+start it again on the same port. Its cache alias sets 0.5 s socket timeouts, which bound how
+long a request waits for a server that does not answer.
 
 These tests are marked ``redis`` like the other Redis tests, and they also need the
 ``redis-server`` executable (``scripts/services.sh`` installs it).

@@ -1,12 +1,12 @@
 """Workers of a real gunicorn killed with SIGKILL in the middle of a view, and a client retrying.
 
-DESIGN.md, "Two execution modes": a dead worker's key is freed (by the database in the atomic
-mode, by its lease in the lease mode), nothing it half-wrote survives in the atomic mode, and
-after the client's retries the effect exists exactly once. The worker is a process of a real
-gunicorn (two sync workers, ``tests/reliability_views.py``), killed while it is held inside the
-view; its client sees the connection drop and retries every 0.1 s, as a mobile app would, until
-it gets an answer that is neither a dropped connection, a 5xx nor a 409. The master forks a new
-worker, which serves the retries.
+docs/modes.md (the atomic and the lease mode): a dead worker's key is freed (by the database in
+the atomic mode, by its lease in the lease mode), nothing it half-wrote survives in the atomic
+mode, and after the client's retries the effect exists exactly once. The worker is a process of
+a real gunicorn (two sync workers, ``tests/reliability_views.py``), killed while it is held
+inside the view; its client sees the connection drop and retries every 0.1 s, as a mobile app
+would, until it gets an answer that is neither a dropped connection, a 5xx nor a 409. The master
+forks a new worker, which serves the retries.
 
 The database store's crashes need a database the gunicorn workers share with the test, with
 row locks: they run on PostgreSQL and MariaDB and are skipped on SQLite. The cache store's run

@@ -1,7 +1,8 @@
 """Database faults: the request's connection killed mid-request, the database restarted under load.
 
-DESIGN.md: "the store is unreachable → 503, never run the view unprotected"; the atomic mode's
-writes and stored response commit together or not at all. Here the faults are real:
+docs/contract.md, "Answers": "the store is unreachable → 503, never run the view unprotected";
+the atomic mode's writes and stored response commit together or not at all. Here the faults are
+real:
 
 * the connection of the gunicorn worker running a view is terminated by the database server
   (``pg_terminate_backend`` on PostgreSQL, ``KILL CONNECTION`` on MariaDB) while the view is

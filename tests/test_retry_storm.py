@@ -1,6 +1,6 @@
 """A retry storm: 32 clients, 500 distinct operations, each retried up to 10 times.
 
-DESIGN.md: a retry never runs an operation twice, whatever the timing. Each operation is sent
+docs/contract.md: a retry never runs an operation twice, whatever the timing. Each operation is sent
 once and retried 1 to 10 times at random moments within 0.6 s of its first attempt; its view
 sleeps up to 0.15 s, so many retries arrive while the first attempt still runs. The storm must
 end with exactly one effect per operation, and every answer must be the original, an
