@@ -19,6 +19,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
+from django.db import connections, router
 from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
@@ -37,6 +38,8 @@ from django_idempotency.conf import (
     validate_integer,
     validate_methods,
 )
+from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import CacheStore
 
 CheckMessages = list[checks.CheckMessage]
 
@@ -272,8 +275,6 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
 
 def _cache_store_alias() -> str | None:
     """The cache alias of the configured store when it is a ``CacheStore``, else ``None``."""
-    from django_idempotency.stores import CacheStore
-
     path = conf.IDEMPOTENCY_STORE
     try:
         store = import_string(path) if isinstance(path, str) else None
@@ -416,10 +417,6 @@ def _replay_cache_beside_cache_store(alias: str, store_alias: str) -> checks.Che
 
 def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> CheckMessages:
     """Warn about a keys database without row locks unless it takes the write lock at BEGIN."""
-    from django.db import connections, router
-
-    from django_idempotency.models import IdempotencyKey
-
     messages: CheckMessages = []
     alias = router.db_for_write(IdempotencyKey)
     if databases is None or alias not in databases:

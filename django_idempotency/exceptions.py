@@ -7,6 +7,8 @@ from typing import Any
 
 from django.utils.translation import gettext_lazy as _
 
+from django_idempotency.conf import conf
+
 #: Where each problem's code is explained (RFC 9457 ``type``; the IETF draft's section 2.7
 #: asks for a link to documentation): a heading per code on the docs' errors page.
 DOCS_URL = "https://github.com/django-idempotency/django-idempotency/blob/main/docs/errors.md"
@@ -22,8 +24,6 @@ class IdempotencyError(Exception):
 
     def __init__(self, detail: Any = None, *, retry_after: float | None = None) -> None:
         if detail is None:
-            from django_idempotency.conf import conf
-
             # The header's name as the project configured it (IDEMPOTENCY_HEADER).
             detail = self.default_detail % {"header": conf.IDEMPOTENCY_HEADER}
         self.detail = detail
