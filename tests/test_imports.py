@@ -9,15 +9,16 @@ package is listed below with the reason it cannot be at module level.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pkgutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
 import django_idempotency
 
@@ -51,27 +52,67 @@ def _modules() -> list[str]:
     )
 
 
-def _import_alone(module: str) -> tuple[str, str]:
-    code = "import django, importlib, sys; django.setup(); importlib.import_module(sys.argv[1])"
+# One fresh interpreter imports Django and the third-party libraries once, then forks a child
+# per module: each child sets Django up and imports its module, with no module of this
+# package imported before (the parent never imports one). Much faster than an interpreter
+# per module, and as fresh where it matters.
+_FORKING_IMPORTER = """
+import importlib, json, os, sys
+import django, django.db.models, django.http
+for optional in ("rest_framework", "drf_spectacular", "celery", "django_redis"):
+    try:
+        importlib.import_module(optional)
+    except ImportError:
+        pass
+assert not [name for name in sys.modules if name.startswith("django_idempotency")]
+def start(module):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            django.setup()
+            importlib.import_module(module)
+        except BaseException as exc:
+            os.write(write, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            os._exit(1)
+        os._exit(0)
+    os.close(write)
+    return module, pid, read
+failures, waiting, queue = {}, [], list(sys.argv[1:])
+while queue or waiting:
+    while queue and len(waiting) < 4:
+        waiting.append(start(queue.pop()))
+    module, pid, read = waiting.pop(0)
+    message = os.read(read, 8192).decode()
+    os.close(read)
+    if os.waitpid(pid, 0)[1] != 0:
+        failures[module] = message or "the child died"
+print(json.dumps(failures))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per module (POSIX)")
+@pytest.mark.skipif(
+    connection.vendor != "sqlite",
+    reason="the import graph is the same on every database: checked in the SQLite run",
+)
+def test_each_module_imports_alone_in_a_fresh_interpreter():
+    modules = _modules()
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", code, module],
+        [sys.executable, "-c", _FORKING_IMPORTER, *modules],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
         check=False,
-        timeout=120,
+        timeout=300,
     )
-    return module, "" if result.returncode == 0 else result.stderr.strip().splitlines()[-1]
 
-
-def test_each_module_imports_alone_in_a_fresh_interpreter():
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(pool.map(_import_alone, _modules()))
-
-    assert {module: error for module, error in results.items() if error} == {}
-    assert "django_idempotency.models" in results
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {}
+    assert "django_idempotency.models" in modules
 
 
 def _function_level_imports() -> dict[tuple[str, str], int]:
