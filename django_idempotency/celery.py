@@ -20,13 +20,8 @@ from celery._state import get_current_task
 from celery.exceptions import Retry
 from django.core.exceptions import ImproperlyConfigured
 
-from django_idempotency.exceptions import IdempotencyKeyInProgress, IdempotencyKeyMissing
-from django_idempotency.functions import (
-    IdempotentCall,
-    Serializer,
-    check_call_options,
-    describe_arguments,
-)
+from django_idempotency.exceptions import IdempotencyKeyInProgress
+from django_idempotency.functions import CallOptions, Serializer
 
 __all__ = ["idempotent_task"]
 
@@ -109,7 +104,7 @@ def idempotent_task(
         name = f"{func.__module__}.{func.__qualname__}"
         if iscoroutinefunction(func):
             raise TypeError(f"@idempotent_task cannot wrap the async function {name}.")
-        check_call_options(
+        options = CallOptions(
             f"@idempotent_task on {name}",
             key=key,
             scope=scope,
@@ -118,7 +113,7 @@ def idempotent_task(
             atomic=atomic,
             wait=wait,
             serializer=serializer,
-            retry_in_progress=retry_in_progress,
+            flags={"retry_in_progress": retry_in_progress},
         )
         if scope is not None and not isinstance(scope, str):
             raise ImproperlyConfigured(
@@ -136,21 +131,15 @@ def idempotent_task(
                 call_key = key(*arguments, **kwargs)
             else:
                 call_key = None if task is None else task.request.id
-            if call_key is None or call_key == "":
-                raise IdempotencyKeyMissing(
-                    f"{name} is an idempotent task and needs a key: run it through Celery "
-                    "(its task id is the key), or give @idempotent_task key=."
-                )
             task_name = name if task is None else task.name
-            call = IdempotentCall(
+            call = options.call(
                 call_key,
-                scope=scope or f"celery:{task_name}",
-                fingerprint=describe_arguments(fingerprint, arguments, kwargs),
-                ttl=ttl,
-                atomic=atomic,
-                wait=wait,
-                serializer=serializer,
+                args=arguments,
+                kwargs=kwargs,
                 name=task_name,
+                default_scope=f"celery:{task_name}",
+                missing=f"{name} is an idempotent task and needs a key: run it through Celery "
+                "(its task id is the key), or give @idempotent_task key=.",
             )
 
             def work() -> Any:

@@ -1,4 +1,4 @@
-"""``@idempotent`` for function-based views, sync and async: a thin shell over ``core``."""
+"""``@idempotent`` for function-based views, sync and async: a thin shell over ``adapters``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from datetime import timedelta
 from functools import wraps
 from typing import Any, TypeVar, overload
 
-from asgiref.sync import iscoroutinefunction, sync_to_async
+from asgiref.sync import iscoroutinefunction
 from django.core.exceptions import ImproperlyConfigured
 
-from django_idempotency.core import Execution, Options, error_response
-from django_idempotency.exceptions import IdempotencyError
+from django_idempotency.adapters import Execution, Options, refuse_async_atomic, run_async
 
 ViewFunc = TypeVar("ViewFunc", bound=Callable[..., Any])
 
@@ -84,27 +83,19 @@ def idempotent(
             owner=f"@idempotent on {name}",
         )
         if iscoroutinefunction(view_func):
-            if options.atomic:
-                raise ImproperlyConfigured(
-                    f"@idempotent(atomic=True) cannot wrap the async view {name}: Django "
-                    "cannot hold a transaction open across an await. Leave atomic unset."
-                )
+            refuse_async_atomic(
+                options.atomic, f"@idempotent(atomic=True) cannot wrap the async view {name}"
+            )
 
             @wraps(view_func)
             async def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
                 execution = Execution(options, is_async=True)
-                try:
-                    replay = await sync_to_async(execution.begin)(request)
-                except IdempotencyError as exc:
-                    return error_response(exc)
-                if replay is not None:
-                    return replay
-                try:
-                    response = await view_func(request, *args, **kwargs)
-                except BaseException:
-                    await sync_to_async(execution.abort)()
-                    raise
-                return await sync_to_async(execution.finish)(request, response)
+                return await run_async(
+                    lambda: view_func(request, *args, **kwargs),
+                    begin=lambda: execution.begin(request),
+                    finish=lambda response: execution.finish(request, response),
+                    abort=execution.abort,
+                )
 
             _view_wrapper.idempotency_options = options  # type: ignore[attr-defined]
             return _view_wrapper
@@ -112,14 +103,10 @@ def idempotent(
         @wraps(view_func)  # type: ignore[no-redef]
         def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
             with Execution(options) as execution:
-                try:
-                    replay = execution.begin(request)
-                except IdempotencyError as exc:
-                    return error_response(exc)
-                if replay is not None:
-                    return replay
-                response = view_func(request, *args, **kwargs)
-                return execution.finish(request, response)
+                answer = execution.begin(request)
+                if answer is not None:
+                    return answer
+                return execution.finish(request, view_func(request, *args, **kwargs))
 
         # How IdempotencyMiddleware (and a decorator wrapping this one with functools.wraps,
         # which copies it) tells that the view is protected already, and how.

@@ -21,19 +21,18 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import wraps
-from types import TracebackType
 from typing import Any, Protocol, TypeVar, overload
 
-from asgiref.sync import iscoroutinefunction, sync_to_async
-from django.core.exceptions import ImproperlyConfigured
+from asgiref.sync import iscoroutinefunction
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils.module_loading import import_string
 
+from django_idempotency.adapters import Options, option_error, refuse_async_atomic, run_async
 from django_idempotency.conf import InvalidValue, conf, describe, validate_bool
-from django_idempotency.core import MAX_KEY_LENGTH, Options, Run, _fit, option_error
 from django_idempotency.exceptions import (
     IdempotencyError,
     IdempotencyKeyInProgress,
@@ -41,6 +40,8 @@ from django_idempotency.exceptions import (
     IdempotencyKeyMissing,
     IdempotencyResponseNotStored,
 )
+from django_idempotency.http import MAX_KEY_LENGTH, fit
+from django_idempotency.lifecycle import Run
 from django_idempotency.records import ClaimRequest, StoredResponse, digest
 
 __all__ = [
@@ -122,17 +123,16 @@ class IdempotentCall:
                 f"The scope of an idempotent call must be a non-empty string, not {scope!r}."
             )
         self.key = _call_key(key)
-        self.scope = _fit(scope, MAX_KEY_LENGTH)
+        self.scope = fit(scope, MAX_KEY_LENGTH)
         self.name = name or self.scope
         self.fingerprint = _digest(fingerprint, what="the fingerprint")
         self.serializer = get_serializer(serializer)
         options = Options(
             ttl=ttl, atomic=atomic, wait=wait, owner=f"The idempotent call {self.name!r}"
         )
-        if is_async and atomic:
-            raise ImproperlyConfigured(
-                f"The async idempotent call {self.name!r} cannot use atomic=True: Django "
-                "cannot hold a transaction open across an await. Leave atomic unset."
+        if is_async:
+            refuse_async_atomic(
+                atomic, f"The async idempotent call {self.name!r} cannot use atomic=True"
             )
         self._run = Run(
             ttl=options.ttl, atomic=options.atomic, wait=options.wait, is_async=is_async
@@ -143,29 +143,17 @@ class IdempotentCall:
         self._saved = False
 
     def __enter__(self) -> IdempotentCall:
-        self._run.__enter__()
-        try:
-            self._start()
-        except BaseException as exc:
-            self._run.__exit__(type(exc), exc, exc.__traceback__)
-            raise
+        self.begin()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None and not self.replayed and not self._saved:
-            try:
-                self.save(None)
-            except BaseException as error:
-                self._run.__exit__(type(error), error, error.__traceback__)
-                raise
-        self._run.__exit__(exc_type, exc, traceback)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
 
-    def _start(self) -> None:
+    def begin(self) -> None:
+        """Claim the key, or find its stored result (:attr:`replayed`): entering the block."""
         claim = ClaimRequest(
             scope=self.scope,
             key=self.key,
@@ -176,14 +164,35 @@ class IdempotentCall:
             ttl=self._run.ttl,
         )
         try:
-            record = self._run.start(claim)
+            record = self._run.begin(claim)
         except IdempotencyError as exc:
+            self._run.abort()
             raise _for_calls(exc, self.name) from None
+        except BaseException:
+            self._run.abort()
+            raise
         if record is not None:
             assert record.response is not None
             assert record.response.body is not None
             self.replayed = True
             self.result = self.serializer.loads(record.response.body)
+
+    def finish(self, result: Any = None) -> Any:
+        """End the call (leaving the block): ``result`` is saved first, unless the call was
+        replayed or saved already. Returns ``result`` as given."""
+        if not self.replayed and not self._saved:
+            try:
+                self.save(result)
+            except BaseException:
+                self._run.abort()
+                raise
+        self._run.end()
+        return result
+
+    def abort(self) -> None:
+        """End the call after its work raised: nothing is stored, and the key is freed (or,
+        with committed phases, kept for a retry to resume)."""
+        self._run.abort()
 
     @property
     def claimed(self) -> bool:
@@ -208,7 +217,7 @@ class IdempotentCall:
                 # The lease mode: the work has run and its effects stay. Record it as done,
                 # without a result, so that no retry runs it again (they get
                 # IdempotencyResponseNotStored). The atomic mode rolls it all back instead.
-                self._run.conclude(StoredResponse(status=200, headers=headers, body=None))
+                self._run.finish(StoredResponse(status=200, headers=headers, body=None))
                 self._saved = True
             raise TypeError(
                 f"{self.name} returned a result that {type(self.serializer).__name__} cannot "
@@ -216,7 +225,7 @@ class IdempotentCall:
             ) from exc
         # Too large: later calls get IdempotencyResponseNotStored; the call is done all the same.
         body = data if len(data) <= conf.IDEMPOTENCY_MAX_RESPONSE_SIZE else None
-        error = self._run.conclude(StoredResponse(status=200, headers=headers, body=body))
+        error = self._run.finish(StoredResponse(status=200, headers=headers, body=body))
         if error is not None:
             raise error  # the atomic mode rolled the work back: nothing happened
         self._saved = True
@@ -230,13 +239,13 @@ class IdempotentCall:
             return self.result if self.replayed else self.save(work())
 
     def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
-        """Run one named phase of the work once for this key; see :meth:`core.Run.phase`."""
+        """Run one named phase of the work once for this key; see :meth:`lifecycle.Run.phase`."""
         if self.replayed:
             raise RuntimeError(f"This call was replayed: its phase {name!r} must not run.")
         return self._run.phase(name, function, atomic=atomic)
 
     def foreign_key(self, name: str) -> str:
-        """The key for the call ``name`` to another service; see :meth:`core.Run.foreign_key`."""
+        """The key for the call ``name`` to another service; see ``lifecycle.Run.foreign_key``."""
         return self._run.foreign_key(name)
 
     @property
@@ -344,7 +353,7 @@ def idempotent_function(
 
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
         name = f"{func.__module__}.{func.__qualname__}"
-        check_call_options(
+        options = CallOptions(
             f"@idempotent_function on {name}",
             key=key,
             scope=scope,
@@ -353,12 +362,11 @@ def idempotent_function(
             atomic=atomic,
             wait=wait,
             serializer=serializer,
-            required=required,
+            flags={"required": required},
         )
-        if iscoroutinefunction(func) and atomic:
-            raise ImproperlyConfigured(
-                f"@idempotent_function(atomic=True) cannot wrap the async function {name}: "
-                "Django cannot hold a transaction open across an await. Leave atomic unset."
+        if iscoroutinefunction(func):
+            refuse_async_atomic(
+                atomic, f"@idempotent_function(atomic=True) cannot wrap the async function {name}"
             )
 
         def prepare(
@@ -367,28 +375,16 @@ def idempotent_function(
             call_key = kwargs.pop("idempotency_key", None)
             if call_key is None and key is not None:
                 call_key = key(*args, **kwargs)
-            if call_key is None or call_key == "":
-                if not required:
-                    return None
-                raise IdempotencyKeyMissing(
-                    f"{name} is idempotent and needs a key: pass idempotency_key=..., or "
-                    "give the decorator key=."
-                )
-            if scope is None:
-                call_scope = f"function:{name}"
-            elif callable(scope):
-                call_scope = scope(*args, **kwargs)
-            else:
-                call_scope = scope
-            return IdempotentCall(
+            if (call_key is None or call_key == "") and not required:
+                return None
+            return options.call(
                 call_key,
-                scope=call_scope,
-                fingerprint=describe_arguments(fingerprint, args, kwargs),
-                ttl=ttl,
-                atomic=atomic,
-                wait=wait,
-                serializer=serializer,
+                args=args,
+                kwargs=kwargs,
                 name=name,
+                default_scope=f"function:{name}",
+                missing=f"{name} is idempotent and needs a key: pass idempotency_key=..., or "
+                "give the decorator key=.",
                 is_async=is_async,
             )
 
@@ -399,18 +395,11 @@ def idempotent_function(
                 call = prepare(args, kwargs, True)
                 if call is None:
                     return await func(*args, **kwargs)
-                await sync_to_async(call.__enter__)()
-                try:
-                    if call.replayed:
-                        result = call.result
-                    else:
-                        result = await func(*args, **kwargs)
-                        await sync_to_async(call.save)(result)
-                except BaseException as exc:
-                    await sync_to_async(call.__exit__)(type(exc), exc, exc.__traceback__)
-                    raise
-                await sync_to_async(call.__exit__)(None, None, None)
-                return result
+
+                async def work() -> Any:
+                    return call.result if call.replayed else await func(*args, **kwargs)
+
+                return await run_async(work, begin=call.begin, finish=call.finish, abort=call.abort)
 
             async_wrapper.idempotent_function = name  # type: ignore[attr-defined]
             return async_wrapper
@@ -433,54 +422,94 @@ def idempotent_function(
 # -- Keys, fingerprints and errors ------------------------------------------------------------
 
 
-def check_call_options(
-    owner: str,
-    *,
-    key: object,
-    scope: object,
-    fingerprint: object,
-    ttl: object,
-    atomic: object,
-    wait: object,
-    serializer: object,
-    **flags: object,
-) -> None:
-    """Validate a decorator's options when it wraps its function, with the settings'
-    validators: ``ImproperlyConfigured`` naming ``owner`` and the option, never an error at
-    call time. ``flags`` are the decorator's own True/False options."""
-    Options(ttl=ttl, atomic=atomic, wait=wait, owner=owner)  # type: ignore[arg-type]
-    for name, value in flags.items():
-        try:
-            validate_bool(value)
-        except InvalidValue as exc:
-            raise option_error(owner, name, exc) from None
-    for name, value in (("key", key), ("fingerprint", fingerprint)):
-        if value is not None and not callable(value):
+@dataclass(frozen=True)
+class CallOptions:
+    """A decorator's options for the calls it makes (a function's, a task's), validated when
+    it wraps its function, with the settings' validators: ``ImproperlyConfigured`` naming
+    ``owner`` and the option, never an error at call time. ``flags`` are the decorator's own
+    True/False options, only validated here."""
+
+    owner: str
+    key: Callable[..., Any] | None = None
+    scope: str | Callable[..., str] | None = None
+    fingerprint: Callable[..., Any] | None = None
+    ttl: timedelta | None = None
+    atomic: bool | None = None
+    wait: timedelta | None = None
+    serializer: Serializer | str | None = None
+    flags: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = self.owner
+        Options(ttl=self.ttl, atomic=self.atomic, wait=self.wait, owner=owner)
+        for name, value in self.flags.items():
+            try:
+                validate_bool(value)
+            except InvalidValue as exc:
+                raise option_error(owner, name, exc) from None
+        for name, value in (("key", self.key), ("fingerprint", self.fingerprint)):
+            if value is not None and not callable(value):
+                raise option_error(
+                    owner,
+                    name,
+                    InvalidValue(f"must be a function of the arguments, not {describe(value)}."),
+                )
+        scope = self.scope
+        if not (scope is None or callable(scope) or (isinstance(scope, str) and scope)):
             raise option_error(
                 owner,
-                name,
-                InvalidValue(f"must be a function of the arguments, not {describe(value)}."),
+                "scope",
+                InvalidValue(
+                    "must be a non-empty string or a function of the arguments, not "
+                    f"{describe(scope)}."
+                ),
             )
-    if not (scope is None or callable(scope) or (isinstance(scope, str) and scope)):
-        raise option_error(
-            owner,
-            "scope",
-            InvalidValue(
-                f"must be a non-empty string or a function of the arguments, not {describe(scope)}."
-            ),
-        )
-    if not (
-        serializer is None
-        or (isinstance(serializer, str) and serializer)
-        or all(callable(getattr(serializer, name, None)) for name in ("dumps", "loads"))
-    ):
-        raise option_error(
-            owner,
-            "serializer",
-            InvalidValue(
-                f"must be a serializer (with dumps() and loads()) or its dotted path, not "
-                f"{describe(serializer)}."
-            ),
+        serializer = self.serializer
+        if not (
+            serializer is None
+            or (isinstance(serializer, str) and serializer)
+            or all(callable(getattr(serializer, name, None)) for name in ("dumps", "loads"))
+        ):
+            raise option_error(
+                owner,
+                "serializer",
+                InvalidValue(
+                    f"must be a serializer (with dumps() and loads()) or its dotted path, not "
+                    f"{describe(serializer)}."
+                ),
+            )
+
+    def call(
+        self,
+        key: Any,
+        *,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str,
+        default_scope: str,
+        missing: str,
+        is_async: bool = False,
+    ) -> IdempotentCall:
+        """The call of ``name`` with these arguments and ``key``; ``missing`` is the
+        :class:`IdempotencyKeyMissing` message for an empty key. The scope is the option
+        (a string, or a function of the arguments), else ``default_scope``."""
+        if key is None or key == "":
+            raise IdempotencyKeyMissing(missing)
+        scope = self.scope
+        if scope is None:
+            scope = default_scope
+        elif callable(scope):
+            scope = scope(*args, **kwargs)
+        return IdempotentCall(
+            key,
+            scope=scope,
+            fingerprint=describe_arguments(self.fingerprint, args, kwargs),
+            ttl=self.ttl,
+            atomic=self.atomic,
+            wait=self.wait,
+            serializer=self.serializer,
+            name=name,
+            is_async=is_async,
         )
 
 
@@ -499,7 +528,7 @@ def _call_key(key: Any) -> str:
     text = str(key)
     if not text:
         raise IdempotencyKeyMissing("An idempotency key must not be empty.")
-    return _fit(text, MAX_KEY_LENGTH)
+    return fit(text, MAX_KEY_LENGTH)
 
 
 class _ArgumentEncoder(DjangoJSONEncoder):

@@ -1,7 +1,7 @@
 """``IdempotencyMiddleware``: protect the views under chosen paths without touching them.
 
 The paths are ``IDEMPOTENCY_MIDDLEWARE_PATHS``, the methods ``IDEMPOTENCY_METHODS``; every
-other decision is ``core.Execution``'s, exactly as for ``@idempotent``.
+other decision is ``adapters.Execution``'s, exactly as for ``@idempotent``.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
+from django_idempotency.adapters import Execution, Options, run_async
 from django_idempotency.checks import ensure_valid_settings
 from django_idempotency.conf import get_middleware_patterns
-from django_idempotency.core import Execution, Options, error_response
-from django_idempotency.exceptions import IdempotencyError
 
 __all__ = [
     "IdempotencyMiddleware",
@@ -71,12 +70,11 @@ class IdempotencyMiddleware:
         # Django cannot hold a transaction open across an await: the lease mode.
         execution = Execution(is_async=True)
         setattr(request, _EXECUTION, execution)
-        try:
-            response = await self.get_response(request)
-        except BaseException:
-            await sync_to_async(execution.abort)()
-            raise
-        return await sync_to_async(execution.finish)(request, response)
+        return await run_async(
+            lambda: self.get_response(request),
+            finish=lambda response: execution.finish(request, response),
+            abort=execution.abort,
+        )
 
     def process_view(
         self,
@@ -90,10 +88,7 @@ class IdempotencyMiddleware:
             return None
         if protects_itself(view_func, request.method or ""):
             return None  # the view protects itself: claiming here too would claim twice
-        try:
-            return execution.begin(request)
-        except IdempotencyError as exc:
-            return error_response(exc)
+        return execution.begin(request)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
         execution: Execution | None = getattr(request, _EXECUTION, None)

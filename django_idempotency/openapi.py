@@ -16,8 +16,9 @@ from drf_spectacular.plumbing import ComponentRegistry, ResolvedComponent, get_d
 from drf_spectacular.settings import spectacular_settings
 
 from django_idempotency import exceptions
+from django_idempotency.adapters import Options
 from django_idempotency.conf import conf
-from django_idempotency.core import MAX_KEY_LENGTH, REPLAYED_HEADER, Options
+from django_idempotency.http import MAX_KEY_LENGTH, REPLAYED_HEADER
 from django_idempotency.middleware import class_options
 from django_idempotency.rest_framework import IdempotentMixin
 

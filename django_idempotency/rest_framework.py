@@ -1,4 +1,4 @@
-"""``IdempotentMixin`` for DRF ``APIView``s and viewsets: a thin shell over ``core``.
+"""``IdempotentMixin`` for DRF ``APIView``s and viewsets: a thin shell over ``adapters``.
 
 The only module that imports Django REST Framework.
 """
@@ -14,8 +14,9 @@ from django.http.response import HttpResponseBase
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from django_idempotency.core import Execution, Options, error_response
+from django_idempotency.adapters import Execution, Options
 from django_idempotency.exceptions import IdempotencyError
+from django_idempotency.http import error_response
 
 __all__ = ["IdempotentMixin"]
 
@@ -26,11 +27,12 @@ def _class_name(cls: type[Any]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class _Replay(Exception):
-    """Carries a replayed response from ``initial()`` to ``handle_exception()``."""
+class _Answered(Exception):
+    """Carries the answer ``begin()`` gave instead of the view (a replay, or a problem
+    response) from ``initial()`` to ``handle_exception()``."""
 
     def __init__(self, response: HttpResponse) -> None:
-        super().__init__("replay")
+        super().__init__("answered")
         self.response = response
 
 
@@ -98,14 +100,14 @@ class IdempotentMixin:
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
         assert self._idempotency is not None
-        replay = self._idempotency.begin(request)
-        if replay is not None:
-            raise _Replay(replay)
+        answer = self._idempotency.begin(request)
+        if answer is not None:
+            raise _Answered(answer)
 
     def handle_exception(self, exc: Exception) -> HttpResponseBase:
-        if isinstance(exc, _Replay):
+        if isinstance(exc, _Answered):
             return exc.response
-        if isinstance(exc, IdempotencyError):
+        if isinstance(exc, IdempotencyError):  # raised by the view: a phase's store failed
             return error_response(exc)
         if self._idempotency is not None:
             # The view raised (DRF turns most exceptions into responses): store nothing and

@@ -20,7 +20,7 @@ from typing import Any
 from django.db import connections
 
 from django_idempotency.conf import conf
-from django_idempotency.core import NEVER_STORED_HEADERS, REPLAYED_HEADER
+from django_idempotency.http import NEVER_STORED_HEADERS, REPLAYED_HEADER
 
 __all__ = ["IdempotencyCheck", "assert_idempotent", "assert_idempotent_concurrently"]
 

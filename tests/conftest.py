@@ -141,6 +141,25 @@ def store(request):
     harness.clear()
 
 
+@pytest.fixture(params=["auto", "orm"])
+def statements(request, monkeypatch):
+    """Run the test once with each of ``DatabaseStore``'s statement strategies (docs/stores.md).
+
+    ``"auto"`` is the plain SQL written for the database's vendor, ``"orm"`` the ORM. Only the
+    store and query-budget suites use it. Where ``"auto"`` is the ORM already (SQLite), the
+    ``"orm"`` run would repeat it, and is skipped.
+    """
+    from django.db import connection
+
+    from django_idempotency.stores import DatabaseStore
+    from django_idempotency.stores.sql import SQL_STATEMENTS
+
+    if request.param == "orm" and connection.vendor not in SQL_STATEMENTS:
+        pytest.skip(f"on {connection.vendor} the 'auto' statements are the ORM's already")
+    monkeypatch.setattr(DatabaseStore, "statements", request.param)
+    return request.param
+
+
 @pytest.fixture
 def offline_store(settings, tmp_path):
     """Make ``IDEMPOTENCY_STORE`` a database store whose database cannot be reached.

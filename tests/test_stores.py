@@ -1,4 +1,8 @@
-"""The database store when its database goes away mid-request, and its column limits."""
+"""The database store when its database goes away mid-request, and its column limits.
+
+Every test runs with each of the store's statement strategies (the ``statements`` fixture):
+the plain SQL of PostgreSQL and MariaDB/MySQL, and the ORM.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections
 from django.db.models.functions import Now
 from django.http import JsonResponse
@@ -19,11 +24,18 @@ from django_idempotency.core import Execution
 from django_idempotency.decorators import idempotent
 from django_idempotency.exceptions import StoreUnavailable
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import ClaimRequest, DatabaseStore, StoredResponse, _record
+from django_idempotency.stores import (
+    ClaimRequest,
+    DatabaseStore,
+    KeyLocked,
+    KeyVanished,
+    StoredResponse,
+    _record,
+)
 from tests.conftest import OFFLINE_ALIAS
 from tests.models import Charge
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("statements")]
 
 
 class SwitchableStore(DatabaseStore):
@@ -272,3 +284,60 @@ def test_unreachable_server_is_a_store_failure_from_every_statement(unreachable_
         store.complete(claim, StoredResponse(status=201, headers=[], body=b"{}"))
     with pytest.raises(StoreUnavailable), store.lock(claim):
         pass
+
+
+def test_a_key_that_vanishes_before_it_is_locked_is_retried_at_once():
+    claim = ClaimRequest(
+        scope="user:1",
+        key="gone",
+        fingerprint="f" * 64,
+        method="POST",
+        path="/charges/",
+        token="t" * 32,
+        ttl=timedelta(hours=1),
+    )
+
+    # insert=False: the store goes straight to locking a row that is not there (a release or
+    # a purge deleted it after the insert found it).
+    with pytest.raises(KeyVanished) as caught:
+        DatabaseStore().claim(claim, lease=timedelta(seconds=30), insert=False)
+
+    assert isinstance(caught.value, KeyLocked)
+    assert caught.value.retry_after == 0
+
+
+def test_an_unknown_statement_strategy_is_refused():
+    store = DatabaseStore()
+    store.statements = "raw"
+
+    with pytest.raises(ImproperlyConfigured, match="'auto' or 'orm'"):
+        store.get(scope="user:1", key="k-1")
+
+
+def test_with_the_replay_cache_every_statement_still_reaches_the_database(settings):
+    # The replay cache sits in front of the store's statements (ReplayCached): the writes that
+    # it does not accelerate must pass through to the database unchanged.
+    settings.IDEMPOTENCY_REPLAY_CACHE = "default"
+    store = DatabaseStore()
+    claim = ClaimRequest(
+        scope="user:1",
+        key="k-1",
+        fingerprint="f" * 64,
+        method="POST",
+        path="/charges/",
+        token="t" * 32,
+        ttl=timedelta(hours=1),
+    )
+    lease = timedelta(seconds=30)
+
+    assert store.claim(claim, lease=lease).owner_token == claim.token
+    assert store.renew(claim, lease=lease)
+    assert store.save_recovery_points(claim, (("order", 7),))
+    assert store.end_lease(claim)  # a retry of the same request may now resume it
+    retry = ClaimRequest(**{**vars(claim), "token": "r" * 32})
+    resumed = store.claim(retry, lease=lease, insert=False)
+    assert (resumed.owner_token, resumed.recovery_points) == (retry.token, (("order", 7),))
+    with store.lock(retry, insert=False) as record:  # ours already: nothing to take over
+        assert record.owner_token == retry.token
+    assert store.release(retry)
+    assert IdempotencyKey.objects.count() == 0
