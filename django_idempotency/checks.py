@@ -327,6 +327,18 @@ def _unbounded(alias: str, config: dict[str, Any], setting: str) -> CheckMessage
     ]
 
 
+def _unknown_cache(setting: str, alias: object, id: str) -> CheckMessages:
+    optional = "None or " if setting == "IDEMPOTENCY_REPLAY_CACHE" else ""
+    return [
+        _error(
+            setting,
+            f"must be {optional}the alias of a cache in CACHES, not {_describe(alias)}.",
+            id,
+            hint=f"Configured caches: {', '.join(sorted(settings.CACHES)) or 'none'}.",
+        )
+    ]
+
+
 def check_store_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
     """``CacheStore``'s cache is a configured django-redis cache, with bounded timeouts."""
     alias = _cache_store_alias()
@@ -334,14 +346,7 @@ def check_store_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
         return []
     caches: dict[str, dict[str, Any]] = settings.CACHES
     if not isinstance(alias, str) or alias not in caches:
-        return [
-            _error(
-                "IDEMPOTENCY_STORE_CACHE",
-                f"must be the alias of a cache in CACHES, not {_describe(alias)}.",
-                "django_idempotency.E014",
-                hint=f"Configured caches: {', '.join(sorted(caches)) or 'none'}.",
-            )
-        ]
+        return _unknown_cache("IDEMPOTENCY_STORE_CACHE", alias, "django_idempotency.E014")
     config = caches[alias]
     if not _is_redis_cache(config):
         backend = config.get("BACKEND", "")
@@ -370,14 +375,7 @@ def check_replay_cache(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
         return []
     caches: dict[str, dict[str, Any]] = settings.CACHES
     if not isinstance(alias, str) or alias not in caches:
-        return [
-            _error(
-                "IDEMPOTENCY_REPLAY_CACHE",
-                f"must be None or the alias of a cache in CACHES, not {_describe(alias)}.",
-                "django_idempotency.E012",
-                hint=f"Configured caches: {', '.join(sorted(caches)) or 'none'}.",
-            )
-        ]
+        return _unknown_cache("IDEMPOTENCY_REPLAY_CACHE", alias, "django_idempotency.E012")
     store_alias = _cache_store_alias()
     if store_alias is not None:
         return [_replay_cache_beside_cache_store(alias, store_alias)]

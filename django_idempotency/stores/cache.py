@@ -39,6 +39,14 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local function ms(value) return string.format('%.0f', value) end
 """
 
+#: The fencing of the lease mode, first in every write after a claim: go on only while the
+#: record is still the caller's unfinished claim (ARGV[1] is its token); else answer 0.
+_LUA_OWNED = """
+local current = redis.call('GET', KEYS[1])
+local owned = 'P|' .. ARGV[1] .. '|'
+if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
+"""
+
 #: The record and the server's clock.
 _LUA_GET = _LUA_NOW + "return {redis.call('GET', KEYS[1]), ms(now)}"
 
@@ -66,10 +74,8 @@ return {1, false, ms(now)}
 #: Complete the caller's claim (ARGV[1] is its token): the response lives for the TTL.
 _LUA_COMPLETE = (
     _LUA_NOW
+    + _LUA_OWNED
     + """
-local current = redis.call('GET', KEYS[1])
-local owned = 'P|' .. ARGV[1] .. '|'
-if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], 'C|' .. ARGV[1] .. '|' .. ms(now + ttl) .. '|0|' .. ARGV[3], 'PX', ttl)
 return 1
@@ -77,21 +83,19 @@ return 1
 )
 
 #: Delete the caller's unfinished claim.
-_LUA_RELEASE = """
-local current = redis.call('GET', KEYS[1])
-local owned = 'P|' .. ARGV[1] .. '|'
-if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
+_LUA_RELEASE = (
+    _LUA_OWNED
+    + """
 redis.call('DEL', KEYS[1])
 return 1
 """
+)
 
 #: Move the caller's lease deadline to now + ARGV[2] ms; the record lives at least that long.
 _LUA_RENEW = (
     _LUA_NOW
+    + _LUA_OWNED
     + """
-local current = redis.call('GET', KEYS[1])
-local owned = 'P|' .. ARGV[1] .. '|'
-if not current or string.sub(current, 1, #owned) ~= owned then return 0 end
 local expires, rest = string.match(current, '^P|[^|]*|(%d+)|%d+|()')
 local lease = tonumber(ARGV[2])
 redis.call('SET', KEYS[1],
