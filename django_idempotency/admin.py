@@ -323,7 +323,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "completed_at",
         "expires_at",
         "expiry",
-        "locked_until",
+        "lease_until",
         "owner_token",
         "status_display",
         "headers_table",
@@ -406,7 +406,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             (None, {"fields": ("key", "scope", "state", "method", "path", "fingerprint_display")}),
             (
                 _("Timing"),
-                {"fields": ("created_at", "completed_at", "expires_at", "expiry", "locked_until")},
+                {"fields": ("created_at", "completed_at", "expires_at", "expiry", "lease_until")},
             ),
             (_("Stored response"), {"fields": response}),
             (_("Phases"), {"fields": (phases,)}),

@@ -1,4 +1,4 @@
-"""Settings of django-idempotency: one typed property per ``IDEMPOTENCY_*`` setting."""
+"""Settings of django-idempotency: ``DEFAULTS``, the validators, and one typed property each."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
 
     def _stale_q(self, lease: timedelta) -> Q:
         return Q(state=self.model.State.IN_PROGRESS) & (
-            Q(locked_until__lte=Now()) | Q(locked_until__isnull=True, created_at__lte=Now() - lease)
+            Q(lease_until__lte=Now()) | Q(lease_until__isnull=True, created_at__lte=Now() - lease)
         )
 
     def purgeable(
@@ -70,8 +70,8 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         cutoff = Now() - older_than if older_than else Now()
         expired = Q(expires_at__lte=cutoff) & (
             Q(state=self.model.State.COMPLETED)
-            | Q(locked_until__isnull=True)
-            | Q(locked_until__lte=Now())
+            | Q(lease_until__isnull=True)
+            | Q(lease_until__lte=Now())
         )
         if stale_leases:
             return self.filter(expired | self._releasable_q())
@@ -144,7 +144,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         features = connections[alias].features
         if features.has_select_for_update and not features.has_select_for_update_skip_locked:
             # Without SKIP LOCKED a held atomic-mode row cannot be told from an abandoned one.
-            stale = stale.filter(locked_until__isnull=False)
+            stale = stale.filter(lease_until__isnull=False)
         return _delete_in_batches(stale, alias, batch_size, ("pk",))
 
     def abandoned(self, *, lease: timedelta | None = None) -> IdempotencyKeyQuerySet:
@@ -185,7 +185,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
                 stale = stale.select_for_update(skip_locked=True)
             elif features.has_select_for_update:
                 # Without SKIP LOCKED a held atomic-mode row cannot be told from an abandoned one.
-                stale = stale.filter(locked_until__isnull=False).select_for_update()
+                stale = stale.filter(lease_until__isnull=False).select_for_update()
             pks = list(stale.values_list("pk", flat=True))
             completed: int = (
                 self.model.objects.using(alias)
@@ -197,7 +197,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
                     response_body=None,
                     completed_at=Now(),
                     expires_at=Now() + ttl,
-                    locked_until=None,
+                    lease_until=None,
                 )
             )
         return completed
@@ -428,9 +428,12 @@ class IdempotencyKey(models.Model):
     created_at = models.DateTimeField(_("created at"), db_default=Now())
     completed_at = models.DateTimeField(_("completed at"), null=True)
     expires_at = models.DateTimeField(_("expires at"))
-    locked_until = models.DateTimeField(
+    # The column keeps the field's first name, so renaming the field (to the "lease" the docs
+    # and settings say) changed no table.
+    lease_until = models.DateTimeField(
         _("lease deadline"),
         null=True,
+        db_column="locked_until",
         help_text=_(
             "Set in lease mode only: when an unfinished request's claim may be taken over."
         ),
@@ -461,7 +464,7 @@ class IdempotencyKey(models.Model):
             # The admin's list, newest first, and its date hierarchy.
             models.Index(fields=["created_at", "id"], name="idempotency_created_idx"),
             # Unfinished keys and their leases: the release of stale keys, the state filter.
-            models.Index(fields=["state", "locked_until"], name="idempotency_state_lease_idx"),
+            models.Index(fields=["state", "lease_until"], name="idempotency_state_lease_idx"),
             # The admin's search by key, across scopes (the unique constraint leads with scope).
             models.Index(fields=["key"], name="idempotency_key_idx"),
         ]

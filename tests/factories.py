@@ -42,7 +42,7 @@ class IdempotencyKeyFactory(factory.django.DjangoModelFactory):
     path = "/sync/"
     owner_token = factory.LazyFunction(lambda: uuid.uuid4().hex)
     expires_at = factory.LazyFunction(lambda: timezone.now() + timedelta(hours=24))
-    locked_until = None
+    lease_until = None
 
     class Params:
         completed = factory.Trait(
@@ -54,7 +54,7 @@ class IdempotencyKeyFactory(factory.django.DjangoModelFactory):
         )
         in_progress = factory.Trait(
             state=IdempotencyKey.State.IN_PROGRESS,
-            locked_until=factory.LazyFunction(lambda: timezone.now() + timedelta(seconds=30)),
+            lease_until=factory.LazyFunction(lambda: timezone.now() + timedelta(seconds=30)),
         )
         expired = factory.Trait(
             expires_at=factory.LazyFunction(lambda: timezone.now() - timedelta(hours=1)),

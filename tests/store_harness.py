@@ -80,7 +80,7 @@ class DatabaseHarness:
         row = IdempotencyKey.objects.annotate(db_now=Now()).filter(scope=scope, key=key).first()
         if row is None:
             return None
-        lease = None if row.locked_until is None else row.locked_until - row.db_now
+        lease = None if row.lease_until is None else row.lease_until - row.db_now
         return KeyView(
             state=row.state,
             fingerprint=row.fingerprint,
@@ -129,7 +129,7 @@ class DatabaseHarness:
         )
         IdempotencyKey.objects.filter(pk=row.pk).update(
             expires_at=Now() + (timedelta(hours=-1) if expired else timedelta(hours=24)),
-            locked_until=None if lease is None or response is not None else Now() + lease,
+            lease_until=None if lease is None or response is not None else Now() + lease,
         )
 
     def expire(self, key: str, *, scope: str = "anonymous") -> None:
@@ -138,7 +138,7 @@ class DatabaseHarness:
 
     def set_lease(self, key: str, lease: timedelta, *, scope: str = "anonymous") -> None:
         """Move an unfinished key's lease deadline to ``lease`` from now (negative: passed)."""
-        self._row(key, scope).update(locked_until=Now() + lease)
+        self._row(key, scope).update(lease_until=Now() + lease)
 
     def make_unreachable(self) -> None:
         """Point ``IDEMPOTENCY_STORE`` at a database store whose database cannot be reached."""

@@ -308,7 +308,7 @@ def test_only_indexed_columns_sort(admin_client):
 def test_state_filter(admin_client):
     running = IdempotencyKeyFactory(in_progress=True)
     stale = IdempotencyKeyFactory(in_progress=True)
-    IdempotencyKey.objects.filter(pk=stale.pk).update(locked_until=Now() - timedelta(seconds=1))
+    IdempotencyKey.objects.filter(pk=stale.pk).update(lease_until=Now() - timedelta(seconds=1))
     done = IdempotencyKeyFactory(completed=True)
 
     assert set(listed(changelist(admin_client, state="in_progress"))) == {running.key, stale.key}
@@ -944,7 +944,7 @@ def test_purge_action_respects_the_filters_when_acting_on_every_matching_key(adm
 
 def test_release_action_frees_stuck_keys_only(admin_client):
     stuck = IdempotencyKeyFactory(in_progress=True)
-    IdempotencyKey.objects.filter(pk=stuck.pk).update(locked_until=Now() - timedelta(seconds=1))
+    IdempotencyKey.objects.filter(pk=stuck.pk).update(lease_until=Now() - timedelta(seconds=1))
     running = IdempotencyKeyFactory(in_progress=True)
     done = IdempotencyKeyFactory(completed=True)
 
@@ -967,7 +967,7 @@ def test_release_action_with_nothing_to_release(admin_client):
 
 def test_release_action_on_every_matching_key(admin_client):
     stuck = IdempotencyKeyFactory.create_batch(2, in_progress=True)
-    IdempotencyKey.objects.update(locked_until=Now() - timedelta(seconds=1))
+    IdempotencyKey.objects.update(lease_until=Now() - timedelta(seconds=1))
 
     response = run_action(admin_client, "release_stale", stuck[:1], select_across="1")
 

@@ -279,7 +279,7 @@ def key_row(key: str) -> Any:
 
 def wait_until_lease_passes(key: str) -> None:
     """Wait until the key's lease has passed on the database's clock."""
-    deadline = key_row(key).locked_until
+    deadline = key_row(key).lease_until
     started = time.monotonic()
     while key_row(key).db_now <= deadline:
         assert time.monotonic() - started < TIMEOUT
@@ -383,7 +383,7 @@ def test_lease_mode_view_slower_than_its_lease_is_never_run_twice(url, settings)
         for at in (1.5, 2.5):  # both well past the 1 s lease the request claimed
             time.sleep(max(0.0, entered_at + at - time.monotonic()))
             row = key_row(key)
-            assert row.locked_until > row.db_now, "the running request's lease was not renewed"
+            assert row.lease_until > row.db_now, "the running request's lease was not renewed"
             retries.append(post(client, url, key))
     finally:
         original = slow.result()
@@ -572,7 +572,7 @@ def test_lease_of_a_killed_worker_is_taken_over_after_it_passes_and_not_before(t
         worker.close()
     dead = key_row(key)
     assert dead.state == IdempotencyKey.State.IN_PROGRESS
-    deadline = dead.locked_until
+    deadline = dead.lease_until
     assert deadline > dead.db_now, "the worker's lease had passed while it was alive"
 
     client = new_client()

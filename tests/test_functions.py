@@ -89,7 +89,7 @@ def test_the_default_mode_is_atomic_on_the_database_store():
     assert Charge.objects.count() == 1
     row = IdempotencyKey.objects.get(key="k")
     assert row.scope == SCOPE
-    assert row.locked_until is None  # claimed without a lease: the atomic mode
+    assert row.lease_until is None  # claimed without a lease: the atomic mode
 
 
 def test_the_key_can_come_from_the_arguments(store):

@@ -45,9 +45,9 @@ def run(*args):
 
 def test_abandoned_keys_are_stale_keys_with_recovery_points():
     abandon("mid-way")
-    IdempotencyKeyFactory(key="never-started", locked_until=None)  # atomic claim, fresh
+    IdempotencyKeyFactory(key="never-started", lease_until=None)  # atomic claim, fresh
     died = IdempotencyKeyFactory(key="died-early", in_progress=True)
-    IdempotencyKey.objects.filter(pk=died.pk).update(locked_until=Now() - timedelta(minutes=1))
+    IdempotencyKey.objects.filter(pk=died.pk).update(lease_until=Now() - timedelta(minutes=1))
     IdempotencyKeyFactory(key="done", completed=True)
     running = IdempotencyKeyFactory(key="running", in_progress=True)
     IdempotencyKey.objects.filter(pk=running.pk).update(recovery_points=[["order", 1]])
@@ -113,7 +113,7 @@ def test_complete_marks_them_finished_and_retries_get_409_never_a_rerun():
 
 def test_complete_leaves_running_requests_alone():
     abandon("k1")
-    IdempotencyKey.objects.filter(key="k1").update(locked_until=Now() + timedelta(seconds=30))
+    IdempotencyKey.objects.filter(key="k1").update(lease_until=Now() + timedelta(seconds=30))
 
     assert IdempotencyKey.objects.complete_abandoned() == 0
     assert IdempotencyKey.objects.get(key="k1").state == IdempotencyKey.State.IN_PROGRESS
@@ -163,7 +163,7 @@ def test_the_cache_store_has_no_abandoned_requests(settings):
 def test_purging_and_releasing_stale_keys_keep_keys_abandoned_mid_way():
     abandon("mid-way")
     died = IdempotencyKeyFactory(key="died-early", in_progress=True)
-    IdempotencyKey.objects.filter(pk=died.pk).update(locked_until=Now() - timedelta(minutes=1))
+    IdempotencyKey.objects.filter(pk=died.pk).update(lease_until=Now() - timedelta(minutes=1))
 
     assert IdempotencyKey.objects.release_stale() == 1
     assert IdempotencyKey.objects.purge(stale_leases=True) == 0
@@ -187,7 +187,7 @@ def test_an_expired_abandoned_key_is_purged():
 def test_complete_abandoned_leaves_stale_keys_without_phases_unless_asked():
     abandon("mid-way")
     died = IdempotencyKeyFactory(key="died-early", in_progress=True)
-    IdempotencyKey.objects.filter(pk=died.pk).update(locked_until=Now() - timedelta(minutes=1))
+    IdempotencyKey.objects.filter(pk=died.pk).update(lease_until=Now() - timedelta(minutes=1))
 
     assert IdempotencyKey.objects.complete_abandoned() == 1
     assert IdempotencyKey.objects.get(key="died-early").state == IdempotencyKey.State.IN_PROGRESS

@@ -73,5 +73,5 @@ def test_factory_traits_build_the_rows_they_name():
 
     assert completed.state == IdempotencyKey.State.COMPLETED
     assert in_progress.state == IdempotencyKey.State.IN_PROGRESS
-    assert IdempotencyKey.objects.filter(pk=in_progress.pk, locked_until__gt=Now()).exists()
+    assert IdempotencyKey.objects.filter(pk=in_progress.pk, lease_until__gt=Now()).exists()
     assert completed.key != in_progress.key

@@ -88,7 +88,7 @@ def test_a_retry_after_a_failure_resumes_after_the_last_committed_phase(client):
     assert row.state == IdempotencyKey.State.IN_PROGRESS
     assert row.recovery_point == "order"
     # The failed attempt ended its own lease: the retry need not wait for it.
-    assert row.locked_until <= row.db_now
+    assert row.lease_until <= row.db_now
     assert effects()["orders"] == 1
 
     retry = post(client, "k")
@@ -289,7 +289,7 @@ def test_a_failed_attempts_ended_lease_cannot_be_renewed_by_its_late_heartbeat(c
 
     assert not store.renew(old, lease=timedelta(seconds=30))
     ended = IdempotencyKey.objects.annotate(db_now=Now()).get(pk=row.pk)
-    assert ended.locked_until <= ended.db_now
+    assert ended.lease_until <= ended.db_now
     assert ended.owner_token != old.token
     assert post(client, "k").json()["resumed_after"] == "order"
 

@@ -99,8 +99,8 @@ def test_purge_keeps_an_expired_unfinished_key_whose_lease_still_runs():
     # A lease-mode request slower than its TTL: it still renews its lease, so it is in use.
     running = IdempotencyKeyFactory(in_progress=True)
     dead = IdempotencyKeyFactory(in_progress=True)
-    age(running, expires_at=-timedelta(minutes=1), locked_until=timedelta(seconds=20))
-    age(dead, expires_at=-timedelta(minutes=1), locked_until=-timedelta(seconds=1))
+    age(running, expires_at=-timedelta(minutes=1), lease_until=timedelta(seconds=20))
+    age(dead, expires_at=-timedelta(minutes=1), lease_until=-timedelta(seconds=1))
 
     assert IdempotencyKey.objects.purge() == 1
 
@@ -135,7 +135,7 @@ def test_purge_acts_on_the_queryset_it_is_called_on():
 
 def test_stale_leases_also_deletes_unfinished_keys_whose_request_died():
     lease_passed = IdempotencyKeyFactory(in_progress=True)
-    age(lease_passed, locked_until=-timedelta(seconds=1))
+    age(lease_passed, lease_until=-timedelta(seconds=1))
     lease_running = IdempotencyKeyFactory(in_progress=True)
     old_atomic, new_atomic = IdempotencyKeyFactory.create_batch(2)  # no lease
     age(old_atomic, created_at=-timedelta(minutes=5))
@@ -159,7 +159,7 @@ def test_an_atomic_mode_key_is_stale_after_the_lock_ttl(settings):
 
 def test_release_stale_deletes_only_stale_keys():
     stale = IdempotencyKeyFactory(in_progress=True)
-    age(stale, locked_until=-timedelta(seconds=1))
+    age(stale, lease_until=-timedelta(seconds=1))
     running = IdempotencyKeyFactory(in_progress=True)
     [expired] = expired_keys(1)
 
@@ -170,7 +170,7 @@ def test_release_stale_deletes_only_stale_keys():
 
 def test_release_stale_in_batches():
     keys = IdempotencyKeyFactory.create_batch(3, in_progress=True)
-    IdempotencyKey.objects.update(locked_until=Now() - timedelta(seconds=1))
+    IdempotencyKey.objects.update(lease_until=Now() - timedelta(seconds=1))
 
     assert list(IdempotencyKey.objects.stale().purge_batches(stale_leases=True, batch_size=2)) == [
         2,
@@ -181,7 +181,7 @@ def test_release_stale_in_batches():
 
 def test_release_stale_in_batches_of_one():
     IdempotencyKeyFactory.create_batch(3, in_progress=True)
-    IdempotencyKey.objects.update(locked_until=Now() - timedelta(seconds=1))
+    IdempotencyKey.objects.update(lease_until=Now() - timedelta(seconds=1))
 
     assert IdempotencyKey.objects.release_stale(batch_size=1) == 3
 
@@ -191,7 +191,7 @@ def test_without_skip_locked_only_leases_tell_a_stale_key(monkeypatch):
     monkeypatch.setattr(connection.features, "has_select_for_update", True)
     monkeypatch.setattr(connection.features, "has_select_for_update_skip_locked", False)
     lease = IdempotencyKeyFactory(in_progress=True)
-    age(lease, locked_until=-timedelta(seconds=1))
+    age(lease, lease_until=-timedelta(seconds=1))
     atomic = IdempotencyKeyFactory()
     age(atomic, created_at=-timedelta(minutes=5))
 
@@ -203,10 +203,10 @@ def test_without_skip_locked_only_leases_tell_a_stale_key(monkeypatch):
 def test_purgeable_counts_what_a_purge_would_delete():
     expired_keys(2)
     stale = IdempotencyKeyFactory(in_progress=True)
-    age(stale, locked_until=-timedelta(seconds=1))
+    age(stale, lease_until=-timedelta(seconds=1))
     # Both expired and stale: counted once.
     both = IdempotencyKeyFactory(in_progress=True)
-    age(both, locked_until=-timedelta(seconds=1), expires_at=-timedelta(seconds=1))
+    age(both, lease_until=-timedelta(seconds=1), expires_at=-timedelta(seconds=1))
 
     assert IdempotencyKey.objects.purgeable().count() == 3
     assert IdempotencyKey.objects.purgeable(stale_leases=True).count() == 4
@@ -459,7 +459,7 @@ def test_command_is_silent_at_verbosity_0():
 def test_dry_run_counts_and_deletes_nothing():
     expired_keys(2)
     stale = IdempotencyKeyFactory(in_progress=True)
-    age(stale, locked_until=-timedelta(seconds=1))
+    age(stale, lease_until=-timedelta(seconds=1))
 
     assert purge("--dry-run") == "Would delete 2 keys.\n"
     assert purge("--dry-run", "--stale-leases") == "Would delete 3 keys.\n"
@@ -491,7 +491,7 @@ def test_command_accepts_older_than_as_a_timedelta():
 
 def test_command_stale_leases():
     stale = IdempotencyKeyFactory(in_progress=True)
-    age(stale, locked_until=-timedelta(seconds=1))
+    age(stale, lease_until=-timedelta(seconds=1))
     expired_keys(1)
 
     out = purge("--stale-leases", verbosity=2)

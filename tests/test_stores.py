@@ -97,7 +97,7 @@ def test_lease_mode_returns_the_views_answer_when_the_response_cannot_be_stored(
     # The claim stays, so retries are held off until its lease passes.
     row = IdempotencyKey.objects.get()
     assert row.state == IdempotencyKey.State.IN_PROGRESS
-    assert row.locked_until is not None
+    assert row.lease_until is not None
 
 
 def test_heartbeat_keeps_beating_after_a_failed_renewal(store, settings, caplog):
@@ -209,7 +209,7 @@ def test_store_reads_a_record_as_the_orm_does(state, expires_in, lease):
         response_headers=[["Content-Type", "application/json"], ["X-Ünïcode", "é"]],
         response_body=b'{"id": 1}\x00\xff' if completed else None,
         expires_at=Now() + expires_in,
-        locked_until=None if lease is None else Now() + lease,
+        lease_until=None if lease is None else Now() + lease,
     )
     row = IdempotencyKey.objects.annotate(db_now=Now()).get()
     expected = _record(row)

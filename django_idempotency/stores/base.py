@@ -61,8 +61,11 @@ class Store(Protocol):
     def lock(self, claim: ClaimRequest, *, insert: bool = True) -> AbstractContextManager[Record]:
         """Claim and lock the key for the atomic mode.
 
-        The context is a transaction that stays open while the view runs; leaving it with an
-        exception rolls back the view's writes together with the claim.
+        The context is a Django transaction (``transaction.atomic``) on the store's
+        ``transaction_alias()`` (else the router's database for ``IdempotencyKey``) that stays
+        open while the view runs. When the view fails, the run marks it with
+        ``transaction.set_rollback(True)`` and leaves it normally: the view's writes roll back
+        together with the claim.
         """
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:

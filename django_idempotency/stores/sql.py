@@ -120,7 +120,7 @@ class OrmStatements:
             owner_token=claim.token,
             created_at=Now(),
             expires_at=Now() + claim.ttl,
-            locked_until=None if lease is None else Now() + lease,
+            lease_until=None if lease is None else Now() + lease,
         )
         query = InsertQuery(IdempotencyKey, on_conflict=OnConflict.IGNORE)
         fields = [f for f in IdempotencyKey._meta.concrete_fields if not f.primary_key]
@@ -161,7 +161,7 @@ class OrmStatements:
             created_at=Now(),
             completed_at=None,
             expires_at=Now() + claim.ttl,
-            locked_until=None if lease is None else Now() + lease,
+            lease_until=None if lease is None else Now() + lease,
             recovery_points=[list(point) for point in points] or None,
         )
 
@@ -173,7 +173,7 @@ class OrmStatements:
             response_body=response.body,
             completed_at=Now(),
             expires_at=Now() + claim.ttl,
-            locked_until=None,
+            lease_until=None,
         )
         return updated == 1
 
@@ -182,7 +182,7 @@ class OrmStatements:
         return deleted == 1
 
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
-        updated: int = self._owned(claim).update(locked_until=Now() + lease)
+        updated: int = self._owned(claim).update(lease_until=Now() + lease)
         return updated == 1
 
     def save_recovery_points(self, claim: ClaimRequest, points: RecoveryPoints) -> bool:
@@ -192,7 +192,7 @@ class OrmStatements:
         return updated == 1
 
     def end_lease(self, claim: ClaimRequest) -> bool:
-        updated: int = self._owned(claim).update(locked_until=Now(), owner_token=uuid.uuid4().hex)
+        updated: int = self._owned(claim).update(lease_until=Now(), owner_token=uuid.uuid4().hex)
         return updated == 1
 
     @cached_property
@@ -306,7 +306,7 @@ class SqlStatements(OrmStatements):
         columns = ", ".join(self._q(name) for name in (*names, *_RESPONSE_COLUMNS))
         return (
             f"SELECT {columns}, {self.seconds_until(self._q('expires_at'))}, "
-            f"{self.seconds_until(self._q('locked_until'))} "
+            f"{self.seconds_until(self._q('lease_until'))} "
             f"FROM {self._table} WHERE {self._where_key}"
         )
 
@@ -315,10 +315,10 @@ class SqlStatements(OrmStatements):
         nowait = " NOWAIT" if self._nowait else ""
         return f"SELECT 1 FROM {self._table} WHERE {self._where_owned} FOR UPDATE{nowait}"
 
-    def _insert_statement(self, locked_until: str) -> str:
+    def _insert_statement(self, lease_until: str) -> str:
         columns = ", ".join(self._q(name) for name in _INSERTED_COLUMNS)
         now, later = self.now, self.later()
-        values = f"%s, %s, %s, %s, %s, %s, %s, '[]', {now}, {later}, {locked_until}"
+        values = f"%s, %s, %s, %s, %s, %s, %s, '[]', {now}, {later}, {lease_until}"
         return self.insert_ignoring_duplicates(self._table, columns, values)
 
     @cached_property
@@ -336,7 +336,7 @@ class SqlStatements(OrmStatements):
             f"UPDATE {self._table} SET {q('state')} = %s, {q('response_status')} = %s, "
             f"{q('response_headers')} = %s, {q('response_body')} = %s, "
             f"{q('completed_at')} = {now}, {q('expires_at')} = {self.later()}, "
-            f"{q('locked_until')} = NULL WHERE {self._where_owned}"
+            f"{q('lease_until')} = NULL WHERE {self._where_owned}"
         )
 
     def _record(self, row: tuple[Any, ...]) -> tuple[Record, timedelta]:
@@ -442,8 +442,8 @@ def row_record(row: IdempotencyKey) -> Record:
             body=None if body is None else bytes(body),
         )
     lease_remaining = None
-    if row.state == IN_PROGRESS and row.locked_until is not None:
-        lease_remaining = (row.locked_until - now).total_seconds()
+    if row.state == IN_PROGRESS and row.lease_until is not None:
+        lease_remaining = (row.lease_until - now).total_seconds()
     return Record(
         fingerprint=row.fingerprint,
         state=row.state,
@@ -470,7 +470,7 @@ _INSERTED_COLUMNS = (
     "response_headers",
     "created_at",
     "expires_at",
-    "locked_until",
+    "lease_until",
 )
 
 
