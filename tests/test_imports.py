@@ -24,6 +24,9 @@ import django_idempotency
 
 PACKAGE = Path(django_idempotency.__file__).parent
 ROOT = PACKAGE.parent
+# Where ``tests`` lives: beside the package in a checkout, elsewhere when tox runs the suite
+# against the installed wheel.
+TESTS_ROOT = Path(__file__).resolve().parent.parent
 # Modules that need an optional dependency, by what they need.
 OPTIONAL = {
     "django_idempotency.rest_framework": "rest_framework",
@@ -99,12 +102,16 @@ print(json.dumps(failures))
 )
 def test_each_module_imports_alone_in_a_fresh_interpreter():
     modules = _modules()
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": os.pathsep.join([str(TESTS_ROOT), str(ROOT)]),
+    }
     result = subprocess.run(
         [sys.executable, "-c", _FORKING_IMPORTER, *modules],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=TESTS_ROOT,
         env=env,
         check=False,
         timeout=300,
