@@ -10,7 +10,7 @@ same whether the statements are plain SQL or the ORM's.
 
 Transaction boundaries (``BEGIN``, ``COMMIT``, ``ROLLBACK``), which Django logs as queries,
 are counted separately: the atomic mode needs one transaction around the view by design
-(DESIGN.md, "Two execution modes"), so its boundaries are the price of the mode rather than
+(docs/modes.md, "The atomic mode"), so its boundaries are the price of the mode rather than
 queries the package chose to send. Every other statement counts, savepoints included.
 """
 
