@@ -30,6 +30,7 @@ from django_idempotency.conf import (
     validate_bool,
     validate_duration,
     validate_methods,
+    validate_statuses,
 )
 from django_idempotency.exceptions import IdempotencyError
 from django_idempotency.http import (
@@ -75,6 +76,7 @@ _OPTION_VALIDATORS: dict[str, Callable[[object, str], object]] = {
     "methods": _validate_view_methods,
     "atomic": lambda value, name: validate_bool(value),
     "wait": _validate_wait,
+    "stored_statuses": lambda value, name: validate_statuses(value),
 }
 
 
@@ -91,7 +93,8 @@ class Options:
     Each value is validated when the options are made, by the validators the settings'
     checks use: an adapter makes them when it wraps the view (at import, or at ``as_view()``),
     so a wrong type or value is an ``ImproperlyConfigured`` naming the view and the option
-    there, never an error at request time. ``methods`` is kept as a frozenset, upper-cased.
+    there, never an error at request time. ``methods`` is kept as a frozenset, upper-cased;
+    ``stored_statuses`` as a frozenset, its classes lower-cased.
     """
 
     required: bool | None = None
@@ -99,6 +102,8 @@ class Options:
     methods: Iterable[str] | None = None
     atomic: bool | None = None
     wait: timedelta | None = None
+    #: Which returned statuses are stored (``"2xx"``, ``409``...); kept as a frozenset.
+    stored_statuses: Iterable[str | int] | None = None
     #: For error messages: what the options belong to ("@idempotent on shop.views.pay"), and
     #: how its options are spelled ("idempotency_" for the mixin's attributes).
     owner: str = field(default="Options", compare=False, repr=False)
@@ -123,6 +128,11 @@ class Options:
     @property
     def key_required(self) -> bool:
         return conf.IDEMPOTENCY_REQUIRED if self.required is None else self.required
+
+    @property
+    def statuses(self) -> frozenset[str | int] | None:
+        """``stored_statuses`` as validated (``None``: follow the settings)."""
+        return None if self.stored_statuses is None else frozenset(self.stored_statuses)
 
 
 def refuse_async_atomic(atomic: object, what: str) -> None:
@@ -192,7 +202,7 @@ class Execution:
             self.run.finish(None)  # ends the run: the key is freed
         elif state is State.CLAIMED:
             render(request, response)
-            error = self.run.finish(stored_response(response))
+            error = self.run.finish(stored_response(response, self.options.statuses))
             if error is not None:
                 return error_response(error)
         return response

@@ -37,6 +37,7 @@ from django_idempotency.conf import (
     validate_duration,
     validate_integer,
     validate_methods,
+    validate_statuses,
 )
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import CacheStore
@@ -102,6 +103,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
         except InvalidValue as exc:
             messages.append(_error(written, exc.problem, check_id, exc.hint))
     messages += _check_safe_methods()
+    messages += _check_stored_statuses()
     return messages
 
 
@@ -212,7 +214,30 @@ _VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
     "IDEMPOTENCY_FAIL_OPEN": ("django_idempotency.E017", _flag),
     "IDEMPOTENCY_MIDDLEWARE_PATHS": ("django_idempotency.E018", _validate_paths),
     "IDEMPOTENCY_SERIALIZER": ("django_idempotency.E019", _validate_serializer),
+    "IDEMPOTENCY_STORED_STATUSES": (
+        "django_idempotency.E020",
+        lambda value, assign: validate_statuses(value),
+    ),
 }
+
+
+def _check_stored_statuses() -> CheckMessages:
+    """E021: ``IDEMPOTENCY_STORED_STATUSES`` and ``IDEMPOTENCY_STORE_SERVER_ERRORS = True``
+    both say whether a 5xx is stored; the list is the whole rule, so the flag is refused
+    beside it rather than silently ignored (or silently added to the list)."""
+    server_errors = raw("IDEMPOTENCY_STORE_SERVER_ERRORS")
+    if raw("IDEMPOTENCY_STORED_STATUSES") is None or server_errors is not True:
+        return []
+    return [
+        _error(
+            "IDEMPOTENCY_STORE_SERVER_ERRORS",
+            "cannot be True when IDEMPOTENCY_STORED_STATUSES is set: the list alone says "
+            "which statuses are stored.",
+            "django_idempotency.E021",
+            hint='Remove IDEMPOTENCY_STORE_SERVER_ERRORS, and add "5xx" to '
+            "IDEMPOTENCY_STORED_STATUSES to store server errors.",
+        )
+    ]
 
 
 def _check_safe_methods() -> CheckMessages:

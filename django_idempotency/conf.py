@@ -73,6 +73,37 @@ def validate_methods(value: object) -> frozenset[str]:
     return frozenset(method.upper() for method in value)
 
 
+#: The status classes ``IDEMPOTENCY_STORED_STATUSES`` (and ``stored_statuses=``) may name.
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+
+
+def validate_statuses(value: object) -> frozenset[str | int] | None:
+    """``None``, or a collection of status classes (``"2xx"``) and status codes (``409``),
+    kept as a frozenset with the classes lower-cased. A string is refused, as for methods;
+    so is an empty collection, which would store nothing and protect nothing."""
+    if value is None:
+        return None
+
+    def valid(item: object) -> bool:
+        if isinstance(item, str):
+            return item.lower() in STATUS_CLASSES
+        return isinstance(item, int) and not isinstance(item, bool) and 200 <= item <= 599
+
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(valid(i) for i in value):
+        raise InvalidValue(
+            'must be None, or a list or tuple of status classes ("2xx", "4xx") and '
+            f"status codes (200 to 599), not {describe(value)}.",
+            hint='For example ("2xx", 404, 410).',
+        )
+    if not value:
+        raise InvalidValue(
+            "must name at least one status class or code: an empty collection would store no "
+            "response, so no retry would ever be replayed.",
+            hint='For example ("2xx",); None keeps the default rule.',
+        )
+    return frozenset(item.lower() if isinstance(item, str) else item for item in value)
+
+
 #: The longest duration a setting or option may be: 100 years, far within what every database
 #: and Redis can add to their clocks (a larger TTL overflowed at request time).
 MAX_DURATION = timedelta(days=36500)
@@ -116,6 +147,7 @@ DEFAULTS: dict[str, Any] = {
     "IDEMPOTENCY_FINGERPRINT": DEFAULT_FINGERPRINT,
     "IDEMPOTENCY_MAX_RESPONSE_SIZE": 1024 * 1024,
     "IDEMPOTENCY_STORE_SERVER_ERRORS": False,
+    "IDEMPOTENCY_STORED_STATUSES": None,
     "IDEMPOTENCY_REPLAY_CACHE": None,
     "IDEMPOTENCY_STORE_CACHE": "default",
     "IDEMPOTENCY_FAIL_OPEN": False,
@@ -128,10 +160,16 @@ DEFAULTS: dict[str, Any] = {
 #: one is not set, and check W010 asks for the new one.
 RENAMED: dict[str, str] = {"IDEMPOTENCY_LOCK_TTL": "IDEMPOTENCY_LEASE"}
 
-# How a value is kept once read: a list of methods as an upper-cased set, paths as a tuple.
+# How a value is kept once read: a list of methods as an upper-cased set, paths as a tuple,
+# stored statuses as a set with lower-cased classes.
 _NORMALIZE: dict[str, Callable[[Any], Any]] = {
     "IDEMPOTENCY_METHODS": lambda methods: frozenset(method.upper() for method in methods),
     "IDEMPOTENCY_MIDDLEWARE_PATHS": tuple,
+    "IDEMPOTENCY_STORED_STATUSES": lambda statuses: (
+        None
+        if statuses is None
+        else frozenset(item.lower() if isinstance(item, str) else item for item in statuses)
+    ),
 }
 
 
@@ -217,6 +255,10 @@ class Settings:
     @property
     def IDEMPOTENCY_STORE_SERVER_ERRORS(self) -> bool:
         return self.read("IDEMPOTENCY_STORE_SERVER_ERRORS")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_STORED_STATUSES(self) -> frozenset[str | int] | None:
+        return self.read("IDEMPOTENCY_STORED_STATUSES")  # type: ignore[no-any-return]
 
     @property
     def IDEMPOTENCY_REPLAY_CACHE(self) -> str | None:

@@ -27,6 +27,7 @@ def idempotent(
     methods: Iterable[str] | None = None,
     atomic: bool | None = None,
     wait: timedelta | None = None,
+    stored_statuses: Iterable[str | int] | None = None,
 ) -> Callable[[ViewFunc], ViewFunc]: ...
 
 
@@ -39,6 +40,7 @@ def idempotent(
     methods: Iterable[str] | None = None,
     atomic: bool | None = None,
     wait: timedelta | None = None,
+    stored_statuses: Iterable[str | int] | None = None,
 ) -> Any:
     """Run a view once per ``Idempotency-Key`` and replay its stored response to retries.
 
@@ -52,7 +54,9 @@ def idempotent(
       response (the default for sync views), or, with ``False``, in the lease mode with two
       short transactions around it. Async views always use the lease mode;
     * ``wait``: how long a duplicate waits for the first request to finish before it is
-      answered 409.
+      answered 409;
+    * ``stored_statuses``: which returned statuses are stored, as status classes and codes
+      (``("2xx", 404, 410)``); a response of any other status frees the key.
 
     Under DRF's ``@api_view``, put ``@idempotent`` below it, so that the key is scoped to the
     user DRF authenticated.
@@ -80,6 +84,7 @@ def idempotent(
             methods=methods,
             atomic=atomic,
             wait=wait,
+            stored_statuses=stored_statuses,
             owner=f"@idempotent on {name}",
         )
         if iscoroutinefunction(view_func):

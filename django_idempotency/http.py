@@ -327,9 +327,27 @@ def render(request: Any, response: HttpResponseBase) -> None:
     response.render()  # type: ignore[attr-defined]
 
 
-def stored_response(response: HttpResponseBase) -> StoredResponse | None:
-    """What to store for a returned response; ``None`` when it must not be stored."""
-    if response.status_code >= 500 and not conf.IDEMPOTENCY_STORE_SERVER_ERRORS:
+def is_stored_status(status: int, statuses: frozenset[str | int] | None = None) -> bool:
+    """Whether a returned response with ``status`` is stored: the storing rule, in one place.
+
+    ``statuses`` is a view's own ``stored_statuses`` option (validated, classes lower-cased);
+    ``None`` follows ``IDEMPOTENCY_STORED_STATUSES``, and when that is ``None`` too, the
+    default rule: every status but a 5xx, and a 5xx as well under
+    ``IDEMPOTENCY_STORE_SERVER_ERRORS``.
+    """
+    if statuses is None:
+        statuses = conf.IDEMPOTENCY_STORED_STATUSES
+    if statuses is None:
+        return status < 500 or conf.IDEMPOTENCY_STORE_SERVER_ERRORS
+    return status in statuses or f"{status // 100}xx" in statuses
+
+
+def stored_response(
+    response: HttpResponseBase, statuses: frozenset[str | int] | None = None
+) -> StoredResponse | None:
+    """What to store for a returned response; ``None`` when it must not be stored (its status
+    is not stored under :func:`is_stored_status`, with a view's ``statuses``)."""
+    if not is_stored_status(response.status_code, statuses):
         return None
     headers = [
         (name, value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from datetime import timedelta
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiViewExtension
@@ -18,7 +19,7 @@ from drf_spectacular.settings import spectacular_settings
 from django_idempotency import exceptions
 from django_idempotency.adapters import Options
 from django_idempotency.conf import conf
-from django_idempotency.http import MAX_KEY_LENGTH, REPLAYED_HEADER
+from django_idempotency.http import MAX_KEY_LENGTH, REPLAYED_HEADER, is_stored_status
 from django_idempotency.middleware import class_options
 from django_idempotency.rest_framework import IdempotentMixin
 
@@ -76,7 +77,18 @@ def _problem_schema(code_ref: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _key_parameter(required: bool) -> dict[str, Any]:
+def _duration_text(duration: timedelta) -> str:
+    """``duration`` in words, as a client reads it: "1 day", "1 hour, 30 minutes"."""
+    seconds = int(duration.total_seconds())
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}{'' if count == 1 else 's'}")
+    return ", ".join(parts) or f"{duration.total_seconds():g} seconds"
+
+
+def _key_parameter(required: bool, ttl: timedelta) -> dict[str, Any]:
     return {
         "name": conf.IDEMPOTENCY_HEADER,
         "in": "header",
@@ -87,7 +99,8 @@ def _key_parameter(required: bool) -> dict[str, Any]:
             "retry gets the first response again, marked Idempotent-Replayed: true. 1 to "
             f"{MAX_KEY_LENGTH} printable ASCII characters, sent bare (abc) or as a "
             'Structured Field string ("abc"). Reusing a key for a different request is '
-            "answered 422."
+            f"answered 422. A key is kept for {_duration_text(ttl)} after its request "
+            "finished: a retry sent later runs the operation again."
         ),
         "schema": {
             "type": "string",
@@ -107,24 +120,23 @@ def _replayed_header() -> dict[str, Any]:
     }
 
 
-def _replayable(status: str) -> bool:
+def _replayable(status: str, statuses: frozenset[str | int] | None) -> bool:
     """Whether a response the view documents under ``status`` may be a stored one, replayed.
 
-    Every returned response is stored but a 5xx one, unless ``IDEMPOTENCY_STORE_SERVER_ERRORS``
-    (``core._stored_response``): so a code, a range such as ``2XX``, and ``default`` (the
-    statuses left undocumented) all may be. This layer's own answers, documented after this,
-    are never stored.
+    Asks the storing rule (:func:`~django_idempotency.http.is_stored_status`, with the view's
+    ``stored_statuses``): a code when its status is stored, a range such as ``2XX`` when any
+    status in it is, and ``default`` (the statuses left undocumented) always, as it may stand
+    for any. This layer's own answers, documented after this, are never stored.
     """
     status = status.upper()
     if status == "DEFAULT":
         return True
-    if (
-        len(status) != 3
-        or status[0] not in "12345"
-        or not (status[1:].isdigit() or status[1:] == "XX")
-    ):
+    if len(status) != 3 or status[0] not in "12345":
         return False
-    return status[0] != "5" or conf.IDEMPOTENCY_STORE_SERVER_ERRORS
+    if status[1:] == "XX":
+        first = int(status[0]) * 100
+        return any(is_stored_status(code, statuses) for code in range(first, first + 100))
+    return status[1:].isdigit() and is_stored_status(int(status), statuses)
 
 
 def document_operation(
@@ -139,11 +151,12 @@ def document_operation(
         for parameter in parameters
         if not (parameter.get("in") == "header" and parameter.get("name", "").lower() == name)
     ]
-    parameters.append(_key_parameter(required))
+    ttl = conf.IDEMPOTENCY_TTL if options.ttl is None else options.ttl
+    parameters.append(_key_parameter(required, ttl))
 
     responses = operation.setdefault("responses", {})
     for status, response in responses.items():
-        if _replayable(str(status)):
+        if _replayable(str(status), options.statuses):
             response.setdefault("headers", {})[REPLAYED_HEADER] = _replayed_header()
 
     code = ResolvedComponent(  # type: ignore[no-untyped-call]

@@ -20,7 +20,7 @@ from django_idempotency.http import error_response
 
 __all__ = ["IdempotentMixin"]
 
-_OPTION_NAMES = ("required", "ttl", "methods", "atomic", "wait")
+_OPTION_NAMES = ("required", "ttl", "methods", "atomic", "wait", "stored_statuses")
 
 
 def _class_name(cls: type[Any]) -> str:
@@ -44,7 +44,8 @@ class IdempotentMixin:
     authenticated. Errors of this layer answer problem+json, as in plain Django views.
 
     Per-view attributes (``None`` follows the ``IDEMPOTENCY_*`` setting): ``idempotency_required``,
-    ``idempotency_ttl``, ``idempotency_methods``, ``idempotency_atomic``, ``idempotency_wait``.
+    ``idempotency_ttl``, ``idempotency_methods``, ``idempotency_atomic``, ``idempotency_wait``,
+    ``idempotency_stored_statuses``.
     """
 
     idempotency_required: bool | None = None
@@ -52,6 +53,7 @@ class IdempotentMixin:
     idempotency_methods: Iterable[str] | None = None
     idempotency_atomic: bool | None = None
     idempotency_wait: timedelta | None = None
+    idempotency_stored_statuses: Iterable[str | int] | None = None
 
     _idempotency: Execution | None = None
 

@@ -179,6 +179,17 @@ BAD_SETTINGS = [
         "E019",
         "which is not a serializer class: it has no dumps, loads, content_type.",
     ),
+    (
+        "IDEMPOTENCY_STORED_STATUSES",
+        "2xx",
+        "E020",
+        'must be None, or a list or tuple of status classes ("2xx", "4xx") and status '
+        "codes (200 to 599), not '2xx' (str).",
+    ),
+    ("IDEMPOTENCY_STORED_STATUSES", ["2xx", "6xx"], "E020", "not ['2xx', '6xx'] (list)"),
+    ("IDEMPOTENCY_STORED_STATUSES", (200, 700), "E020", "not (200, 700) (tuple)"),
+    ("IDEMPOTENCY_STORED_STATUSES", [False], "E020", "not [False] (list)"),
+    ("IDEMPOTENCY_STORED_STATUSES", [], "E020", "must name at least one status class or code"),
 ]
 
 
@@ -217,6 +228,9 @@ def test_a_bad_setting_is_an_error_naming_it(settings, setting, value, check_id,
         ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1),
         ("IDEMPOTENCY_REPLAY_CACHE", None),
         ("IDEMPOTENCY_SERIALIZER", "tests.test_functions.ReprSerializer"),
+        ("IDEMPOTENCY_STORED_STATUSES", ("2xx", 404, 410)),
+        ("IDEMPOTENCY_STORED_STATUSES", frozenset({"4XX", 201})),
+        ("IDEMPOTENCY_STORED_STATUSES", None),
     ],
 )
 def test_good_values_pass(settings, setting, value):
@@ -229,6 +243,29 @@ def test_w002_safe_methods_are_never_covered(settings):
     assert message.id == "django_idempotency.W002"
     assert isinstance(message, CheckWarning)
     assert message.msg.startswith("IDEMPOTENCY_METHODS lists GET, HEAD: safe methods are never")
+
+
+def test_e021_stored_statuses_and_store_server_errors_are_not_set_together(settings):
+    settings.IDEMPOTENCY_STORE_SERVER_ERRORS = True
+    [message] = _messages(settings, "IDEMPOTENCY_STORED_STATUSES", ("2xx",))
+
+    assert message.id == "django_idempotency.E021"
+    assert isinstance(message, CheckError)
+    assert message.msg == (
+        "IDEMPOTENCY_STORE_SERVER_ERRORS cannot be True when IDEMPOTENCY_STORED_STATUSES is "
+        "set: the list alone says which statuses are stored."
+    )
+    assert '"5xx"' in message.hint
+    # False beside the list says nothing the list does not: no error.
+    assert _messages(settings, "IDEMPOTENCY_STORE_SERVER_ERRORS", False) == []
+
+
+def test_e021_stops_the_first_covered_request(settings):
+    settings.IDEMPOTENCY_STORE_SERVER_ERRORS = True
+    settings.IDEMPOTENCY_STORED_STATUSES = ("2xx", "5xx")
+
+    with pytest.raises(ImproperlyConfigured, match=r"django_idempotency\.E021"):
+        Client().post("/sync/", {}, content_type="application/json", HTTP_IDEMPOTENCY_KEY="k")
 
 
 def test_e012_the_replay_cache_must_be_a_configured_cache(settings):
@@ -283,7 +320,7 @@ def test_every_check_id_in_the_source_is_tested():
     in_source = set(re.findall(r"django_idempotency\.([EW]\d{3})", source))
     tested = (
         {check_id for _, _, check_id, _ in BAD_SETTINGS}
-        | {"E012", "W001", "W002", "W003", "W009", "W010"}
+        | {"E012", "E021", "W001", "W002", "W003", "W009", "W010"}
         | {"W006", "W007", "W008"}  # tests/test_middleware.py
         | {
             "E014",

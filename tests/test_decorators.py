@@ -670,6 +670,88 @@ def test_server_error_is_stored_when_the_setting_says_so(client, url, runs, stor
 
 
 @pytest.mark.django_db(transaction=True)
+def test_status_left_out_of_the_stored_statuses_setting_frees_the_key(
+    client, url, kind, runs, store, settings
+):
+    settings.IDEMPOTENCY_STORED_STATUSES = ("2xx",)
+
+    first = send(client, f"{url}?behaviour=400")
+    retry = send(client, f"{url}?behaviour=400")
+
+    assert first.status_code == retry.status_code == 400
+    assert not retry.has_header("Idempotent-Replayed")
+    assert len(runs) == 2
+    assert store.count() == 0
+    # As for an unstored 5xx: in the atomic mode the view's writes are rolled back.
+    assert Charge.objects.count() == (0 if atomic_mode(kind, store) else 2)
+    assert send(client, url).status_code == 201
+    assert store.get(KEY).status == 201
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("statuses", "behaviour", "status"),
+    [(("2xx", 400), "400", 400), (("2XX", "5xx"), "500", 500)],
+    ids=["exact-code", "server-error-class"],
+)
+def test_status_named_by_the_stored_statuses_setting_is_stored_and_replayed(
+    client, url, runs, store, settings, statuses, behaviour, status
+):
+    settings.IDEMPOTENCY_STORED_STATUSES = statuses
+
+    first = send(client, f"{url}?behaviour={behaviour}")
+    retry = send(client, f"{url}?behaviour={behaviour}")
+
+    assert retry["Idempotent-Replayed"] == "true"
+    assert (retry.status_code, retry.content) == (status, first.content)
+    assert len(runs) == 1
+    assert store.get(KEY).status == status
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_stored_statuses_option_of_a_view_wins_over_the_setting(kind, store, settings):
+    settings.IDEMPOTENCY_STORED_STATUSES = ("2xx", "4xx")
+    runs = []
+
+    if kind == "sync":
+
+        @idempotent(stored_statuses=("2xx", 409))
+        def charge(request):
+            runs.append(1)
+            return HttpResponse(status=int(request.GET["status"]))
+
+        def call(status):
+            return charge(
+                RequestFactory().post(f"/charge/?status={status}", headers={"Idempotency-Key": KEY})
+            )
+
+    else:
+
+        @idempotent(stored_statuses=("2xx", 409))
+        async def charge(request):
+            runs.append(1)
+            return HttpResponse(status=int(request.GET["status"]))
+
+        def call(status):
+            request = RequestFactory().post(
+                f"/charge/?status={status}", headers={"Idempotency-Key": KEY}
+            )
+            return async_to_sync(charge)(request)
+
+    # 404 is stored under the setting, not under the view's own list: the key is freed.
+    assert [call(404).status_code, call(404).status_code] == [404, 404]
+    assert len(runs) == 2
+    assert store.count() == 0
+    # 409 is in the view's list only: stored, and replayed.
+    first, retry = call(409), call(409)
+    assert (first.status_code, retry.status_code) == (409, 409)
+    assert retry["Idempotent-Replayed"] == "true"
+    assert len(runs) == 3
+    assert store.get(KEY).status == 409
+
+
+@pytest.mark.django_db(transaction=True)
 def test_streaming_response_completes_the_key_without_a_body_and_is_never_rerun(
     client, url, runs, store
 ):
@@ -968,6 +1050,12 @@ def test_decorator_above_api_view_names_the_users_function():
         ({"required": "yes"}, "required must be True or False, not 'yes' (str)"),
         ({"required": 1}, "required must be True or False, not 1 (int)"),
         ({"atomic": "false"}, "atomic must be True or False, not 'false' (str)"),
+        ({"stored_statuses": "2xx"}, "stored_statuses must be None, or a list or tuple of"),
+        ({"stored_statuses": ["2xx", "6xx"]}, "stored_statuses must be None, or a list"),
+        ({"stored_statuses": [200, 99]}, "status codes (200 to 599), not [200, 99] (list)"),
+        ({"stored_statuses": [True]}, "stored_statuses must be None, or a list or tuple of"),
+        ({"stored_statuses": [600]}, "stored_statuses must be None, or a list or tuple of"),
+        ({"stored_statuses": ()}, "stored_statuses must name at least one status class or"),
     ],
 )
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -1003,6 +1091,13 @@ def test_right_options_are_kept_as_given_and_methods_upper_cased():
     options = charge.idempotency_options
     assert options.methods == frozenset({"PUT", "POST"})
     assert (options.ttl, options.wait) == (timedelta(hours=1), timedelta(0))
+
+
+def test_stored_statuses_option_is_kept_as_a_set_with_its_classes_lower_cased():
+    @idempotent(stored_statuses=["2XX", 404, 410, "2xx"])
+    def charge(request): ...
+
+    assert charge.idempotency_options.stored_statuses == frozenset({"2xx", 404, 410})
 
 
 @pytest.mark.parametrize("value", [True, "charge", 3])

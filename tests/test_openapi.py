@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,101 @@ def test_a_server_error_range_carries_the_replay_header_when_server_errors_are_s
     )
 
     assert "Idempotent-Replayed" in schema["paths"]["/s/"]["post"]["responses"]["5XX"]["headers"]
+
+
+@override_settings(IDEMPOTENCY_STORED_STATUSES=("2xx", 404))
+def test_the_replay_header_follows_the_stored_statuses_setting():
+    from django.urls import path
+    from drf_spectacular.utils import extend_schema
+
+    class StatusesView(IdempotentMixin, APIView):
+        @extend_schema(
+            request=None,
+            responses={201: None, 302: None, 400: None, 404: None, "4XX": None, "5XX": None},
+        )
+        def post(self, request):
+            return Response({})  # pragma: no cover - never called
+
+    schema = SchemaGenerator(patterns=[path("t/", StatusesView.as_view())]).get_schema(
+        request=None, public=True
+    )
+    responses = schema["paths"]["/t/"]["post"]["responses"]
+
+    # 404 alone of the 4xx is stored, so the range may hold a replay; 302 and 400 may not.
+    for status in ("201", "404", "4XX"):
+        assert "Idempotent-Replayed" in responses[status]["headers"], status
+    for status in ("302", "400", "5XX"):
+        assert "Idempotent-Replayed" not in responses[status].get("headers", {}), status
+
+
+@override_settings(IDEMPOTENCY_STORED_STATUSES=("2xx",))
+def test_the_replay_header_follows_the_stored_statuses_option_of_the_view():
+    from django.urls import path
+    from drf_spectacular.utils import extend_schema
+
+    class MixinStatusesView(IdempotentMixin, APIView):
+        idempotency_stored_statuses = ("5xx", 409)
+
+        @extend_schema(request=None, responses={201: None, 409: None, 502: None})
+        def post(self, request):
+            return Response({})  # pragma: no cover - never called
+
+    @extend_schema(request=None, responses={201: None, 410: None}, methods=["POST"])
+    @api_view(["POST"])
+    @idempotent(stored_statuses=("4xx",))
+    def function_statuses(request):
+        return Response({})  # pragma: no cover - never called
+
+    schema = SchemaGenerator(
+        patterns=[
+            path("m/", MixinStatusesView.as_view()),
+            path("f/", function_statuses),
+        ]
+    ).get_schema(request=None, public=True)
+    mixin = schema["paths"]["/m/"]["post"]["responses"]
+    function = schema["paths"]["/f/"]["post"]["responses"]
+
+    # The view's own list wins over the setting's "2xx".
+    assert "Idempotent-Replayed" not in mixin["201"].get("headers", {})
+    assert "Idempotent-Replayed" in mixin["409"]["headers"]
+    assert "Idempotent-Replayed" in mixin["502"]["headers"]
+    assert "Idempotent-Replayed" not in function["201"].get("headers", {})
+    assert "Idempotent-Replayed" in function["410"]["headers"]
+
+
+@pytest.mark.parametrize(
+    ("ttl", "words"),
+    [
+        (None, "kept for 1 day after"),
+        (timedelta(minutes=90), "kept for 1 hour, 30 minutes after"),
+        (timedelta(days=2, seconds=1), "kept for 2 days, 1 second after"),
+        (timedelta(milliseconds=500), "kept for 0.5 seconds after"),
+    ],
+)
+def test_the_key_parameter_states_how_long_a_key_is_kept(ttl, words):
+    from django.urls import path
+
+    class TtlView(IdempotentMixin, APIView):
+        idempotency_ttl = ttl
+
+        def post(self, request):
+            return Response({})  # pragma: no cover - never called
+
+    schema = SchemaGenerator(patterns=[path("k/", TtlView.as_view())]).get_schema(
+        request=None, public=True
+    )
+
+    assert words in _header(schema["paths"]["/k/"]["post"])["description"]
+
+
+@override_settings(IDEMPOTENCY_TTL=timedelta(hours=6))
+def test_the_key_parameter_states_the_ttl_setting():
+    operation = _schema("apiview/")["paths"]["/apiview/"]["post"]
+
+    assert (
+        "A key is kept for 6 hours after its request finished"
+        in (_header(operation)["description"])
+    )
 
 
 # -- The view's own get_idempotency_options() -------------------------------------------------

@@ -502,6 +502,47 @@ def test_required_attribute_refuses_requests_without_key(db, runs):
     assert runs == []
 
 
+def test_stored_statuses_attribute_chooses_the_stored_statuses(db, runs, store):
+    class Conflicts(IdempotentMixin, APIView):
+        idempotency_stored_statuses = ("2xx", 409)
+
+        def post(self, request):
+            runs.append("post")
+            return Response({"n": len(runs)}, status=int(request.query_params["status"]))
+
+    def call(status):
+        request = APIRequestFactory().post(
+            f"/attributes/?status={status}", BODY, format="json", HTTP_IDEMPOTENCY_KEY=KEY
+        )
+        return Conflicts.as_view()(request)
+
+    # A returned 400 is stored by default; not with this view's list: the key is freed.
+    assert [call(400).status_code, call(400).status_code] == [400, 400]
+    assert store.count() == 0
+    first, retry = call(409), call(409)
+
+    assert retry["Idempotent-Replayed"] == "true"
+    assert retry.content == first.content
+    assert len(runs) == 3
+    assert store.get(KEY).status == 409
+
+
+@pytest.mark.django_db(transaction=True)
+def test_status_left_out_of_the_stored_statuses_setting_frees_the_key(
+    client, endpoint, runs, store, settings
+):
+    settings.IDEMPOTENCY_STORED_STATUSES = ("2xx",)
+
+    first = send(client, endpoint, suffix="?behaviour=400")
+    retry = send(client, endpoint, suffix="?behaviour=400")
+
+    assert first.status_code == retry.status_code == 400
+    assert not retry.has_header("Idempotent-Replayed")
+    assert len(runs) == 2
+    assert store.count() == 0
+    assert charges_written() == writes_kept(endpoint, store, 2)
+
+
 @pytest.mark.parametrize("base", [APIView, ModelViewSet], ids=["APIView", "ModelViewSet"])
 def test_mixin_listed_after_the_drf_class_is_refused_with_the_right_order(base):
     with pytest.raises(TypeError) as excinfo:
@@ -552,6 +593,16 @@ def test_mixin_keeps_its_promises_under_atomic_requests(
         ("idempotency_wait", 2, "idempotency_wait must be a datetime.timedelta of zero or more"),
         ("idempotency_required", "yes", "idempotency_required must be True or False"),
         ("idempotency_atomic", 0, "idempotency_atomic must be True or False, not 0 (int)"),
+        (
+            "idempotency_stored_statuses",
+            "2xx",
+            "idempotency_stored_statuses must be None, or a list or tuple of status classes",
+        ),
+        (
+            "idempotency_stored_statuses",
+            [],
+            "idempotency_stored_statuses must name at least one status class or code",
+        ),
     ],
 )
 def test_a_wrong_attribute_is_refused_when_the_class_is_defined(attribute, value, message):
