@@ -32,6 +32,7 @@ OPTIONAL = {
     "django_idempotency.rest_framework": "rest_framework",
     "django_idempotency.openapi": "drf_spectacular",
     "django_idempotency.celery": "celery",
+    "django_idempotency.client": "httpx",
 }
 # (module, imported name) -> why the import is inside a function.
 FUNCTION_LEVEL_IMPORTS = {
@@ -62,7 +63,7 @@ def _modules() -> list[str]:
 _FORKING_IMPORTER = """
 import importlib, json, os, sys
 import django, django.db.models, django.http
-for optional in ("rest_framework", "drf_spectacular", "celery", "django_redis"):
+for optional in ("rest_framework", "drf_spectacular", "celery", "django_redis", "httpx"):
     try:
         importlib.import_module(optional)
     except ImportError:
