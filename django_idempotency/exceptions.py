@@ -143,6 +143,65 @@ class IdempotencyStoreUnavailable(IdempotencyError):
     )
 
 
+#: Where the conditional-update problems are explained: a heading per code on their own page.
+CONDITIONAL_DOCS_URL = (
+    "https://github.com/django-idempotency/django-idempotency/blob/main/docs/conditional.md"
+)
+
+
+class PreconditionError(Exception):
+    """Base class of the answers of a conditional update (RFC 9110 ``If-Match``).
+
+    Not an :class:`IdempotencyError`: they are about a resource's version, not about an
+    ``Idempotency-Key``, so the key's contract, error page and OpenAPI responses leave them
+    out. They carry the same problem+json shape, linked to docs/conditional.md.
+    """
+
+    status_code = 412
+    default_code = "precondition_failed"
+    default_title: Any = _("Precondition failed")
+    default_detail: Any = _("The request's precondition was not met.")
+
+    def __init__(self, detail: Any = None) -> None:
+        self.detail = self.default_detail if detail is None else detail
+        super().__init__(str(self.detail))
+
+    def problem(self) -> dict[str, Any]:
+        """The RFC 9457 problem details object for this error."""
+        return {
+            "type": f"{CONDITIONAL_DOCS_URL}#{self.default_code}",
+            "title": str(self.default_title),
+            "status": self.status_code,
+            "detail": str(self.detail),
+            "code": self.default_code,
+        }
+
+
+class IdempotencyPreconditionFailed(PreconditionError):
+    """A conditional update's ``If-Match`` names no current version of the resource."""
+
+    status_code = 412
+    default_code = "precondition_failed"
+    default_title = _("Precondition failed")
+    default_detail = _(
+        "The resource changed since you read it: the If-Match header does not name its "
+        "current version, so nothing was written. Read the resource again (its ETag header "
+        "gives the current version), reapply your change and send it with the new ETag."
+    )
+
+
+class IdempotencyPreconditionRequired(PreconditionError):
+    """A conditional update that must carry ``If-Match`` came without it."""
+
+    status_code = 428
+    default_code = "precondition_required"
+    default_title = _("Precondition required")
+    default_detail = _(
+        "This resource is only updated conditionally: read it first, then send its ETag "
+        "header's value in an If-Match header with the update."
+    )
+
+
 class IdempotencyLeaseLost(Exception):
     """The run's lease passed and another attempt took its key over: stop the work.
 

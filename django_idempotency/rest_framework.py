@@ -1,4 +1,5 @@
-"""``IdempotentMixin`` for DRF ``APIView``s and viewsets: a thin shell over ``adapters``.
+"""``IdempotentMixin`` for DRF ``APIView``s and viewsets: a thin shell over ``adapters``;
+``ConditionalUpdateMixin``, ``ETag`` and ``If-Match`` over ``conditional``.
 
 The only module that imports Django REST Framework.
 """
@@ -9,16 +10,28 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
+from django.db import router, transaction
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from django_idempotency.adapters import Execution, Options
-from django_idempotency.exceptions import IdempotencyError
+from django_idempotency.conditional import (
+    compare_and_set,
+    format_etag,
+    parse_if_match,
+    precondition_response,
+)
+from django_idempotency.exceptions import (
+    IdempotencyError,
+    IdempotencyPreconditionFailed,
+    IdempotencyPreconditionRequired,
+    PreconditionError,
+)
 from django_idempotency.http import error_response
 
-__all__ = ["IdempotentMixin"]
+__all__ = ["ConditionalUpdateMixin", "IdempotentMixin"]
 
 _OPTION_NAMES = ("required", "ttl", "methods", "atomic", "wait", "stored_statuses")
 
@@ -109,6 +122,12 @@ class IdempotentMixin:
     def handle_exception(self, exc: Exception) -> HttpResponseBase:
         if isinstance(exc, _Answered):
             return exc.response
+        if isinstance(exc, PreconditionError):
+            # ConditionalUpdateMixin refused the update before it wrote: like a view's own
+            # error, store nothing and free the key (a retry with a fresh If-Match may use it).
+            assert self._idempotency is not None
+            self._idempotency.fail()
+            return precondition_response(exc)
         if isinstance(exc, IdempotencyError):  # raised by the view: a phase's store failed
             return error_response(exc)
         if self._idempotency is not None:
@@ -124,3 +143,96 @@ class IdempotentMixin:
         if self._idempotency is None:
             return response
         return self._idempotency.finish(request, response)
+
+
+class ConditionalUpdateMixin:
+    """Conditional updates for a DRF generic view or viewset (RFC 9110 ``ETag``/``If-Match``).
+
+    A response that shows one object (``retrieve``, ``update``, ``partial_update``) carries
+    its strong ``ETag``, made of the model's version field (``conditional_version_field``, a
+    positive integer). ``PUT`` and ``PATCH`` honour ``If-Match``: the version is compared and
+    incremented by one ``UPDATE`` inside a transaction that also holds the serializer's save,
+    so of two updates of the same version exactly one is written and the other answers
+    ``412 precondition_failed`` with nothing written. With ``conditional_required = True`` an
+    update without ``If-Match`` answers ``428 precondition_required``; without it, such an
+    update (and ``If-Match: *``) is written whatever the version, and still increments it.
+
+    List it after ``IdempotentMixin`` and before DRF's class:
+    ``class DocumentViewSet(IdempotentMixin, ConditionalUpdateMixin, ModelViewSet)``.
+    """
+
+    conditional_version_field: str = "version"
+    conditional_required: bool = False
+
+    _conditional_object: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        me = mro.index(ConditionalUpdateMixin)
+        misplaced = (APIView in mro and mro.index(APIView) < me) or (
+            IdempotentMixin in mro and mro.index(IdempotentMixin) > me
+        )
+        if misplaced:
+            bases = ", ".join(
+                base.__name__
+                for base in cls.__bases__
+                if base not in (IdempotentMixin, ConditionalUpdateMixin)
+            )
+            first = "IdempotentMixin, " if IdempotentMixin in mro else ""
+            raise TypeError(
+                f"{cls.__name__}: list ConditionalUpdateMixin after IdempotentMixin and before "
+                f"DRF's view class, as in class {cls.__name__}({first}ConditionalUpdateMixin, "
+                f"{bases})."
+            )
+
+    def get_etag(self, obj: Any) -> str:
+        """The strong entity tag of ``obj``'s current version. Override it to add the primary
+        key (``format_etag(version, pk=obj.pk)``) or another prefix."""
+        return format_etag(getattr(obj, self.conditional_version_field))
+
+    def get_object(self) -> Any:
+        obj = super().get_object()  # type: ignore[misc]
+        self._conditional_object = obj  # the object whose ETag the response carries
+        return obj
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        if self.conditional_required and "If-Match" not in request.headers:
+            raise IdempotencyPreconditionRequired()
+        return super().update(request, *args, **kwargs)  # type: ignore[misc]
+
+    def perform_update(self, serializer: Any) -> None:
+        instance = serializer.instance
+        field = self.conditional_version_field
+        request: Request = self.request  # type: ignore[attr-defined]
+        if_match = parse_if_match(request.headers.get("If-Match"))
+        expected = None
+        if if_match is not None and not if_match.any:
+            if not if_match.matches(self.get_etag(instance)):
+                raise IdempotencyPreconditionFailed()
+            # The version this request read and validated against: a row updated since
+            # then (even to a version the header also lists) must not be overwritten.
+            expected = getattr(instance, field)
+        model = type(instance)
+        with transaction.atomic(using=router.db_for_write(model)):
+            # The UPDATE takes the row lock first, so the save below cannot interleave with
+            # another writer's; a 412 raised here rolls the whole block back.
+            version = compare_and_set(model._base_manager.all(), instance.pk, expected, field)
+            setattr(instance, field, version)
+            serializer.validated_data.pop(field, None)  # a client never sets the version
+            super().perform_update(serializer)  # type: ignore[misc]
+
+    def handle_exception(self, exc: Exception) -> HttpResponseBase:
+        # With IdempotentMixin (listed first) these never reach here: it answers them itself.
+        if isinstance(exc, PreconditionError):
+            return precondition_response(exc)
+        return super().handle_exception(exc)  # type: ignore[misc,no-any-return]
+
+    def finalize_response(
+        self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        obj = self._conditional_object
+        if obj is not None and 200 <= response.status_code < 300 and "ETag" not in response:
+            response["ETag"] = self.get_etag(obj)
+        return response

@@ -14,3 +14,13 @@ class Charge(models.Model):
 
     def __str__(self) -> str:
         return f"charge {self.pk} of {self.amount}"
+
+
+class Document(models.Model):
+    """A versioned resource, updated conditionally (``If-Match``) by tests/conditional_views."""
+
+    title = models.CharField(max_length=100)
+    version = models.PositiveIntegerField(default=1)
+
+    def __str__(self) -> str:
+        return f"document {self.pk} at version {self.version}"
