@@ -34,6 +34,7 @@ from django_idempotency.conf import (
 )
 from django_idempotency.exceptions import IdempotencyError
 from django_idempotency.http import (
+    add_expiry,
     error_response,
     read_claim,
     render,
@@ -194,7 +195,7 @@ class Execution:
         if record is None:
             return None
         assert record.response is not None
-        return replay_response(record.response)
+        return replay_response(record.response, record.expires_in)
 
     def finish(self, request: Any, response: HttpResponseBase) -> HttpResponseBase:
         state = self.run.state
@@ -205,6 +206,10 @@ class Execution:
             error = self.run.finish(stored_response(response, self.options.statuses))
             if error is not None:
                 return error_response(error)
+            if self.run.replayable:
+                # Written as the store's clock + TTL; this is the app's (they may differ by
+                # the clock skew between the two).
+                add_expiry(response, self.run.ttl.total_seconds())
         return response
 
     def fail(self) -> None:

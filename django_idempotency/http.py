@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import timedelta
@@ -22,6 +23,7 @@ from django.core.exceptions import SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.http.multipartparser import MultiPartParserError
 from django.http.response import HttpResponseBase
+from django.utils.http import http_date
 
 from django_idempotency.conf import (
     conf,
@@ -40,9 +42,12 @@ _Value = TypeVar("_Value")
 
 MAX_KEY_LENGTH = 255
 REPLAYED_HEADER = "Idempotent-Replayed"
+#: When a stored answer's key expires: computed for each answer, never stored.
+EXPIRES_HEADER = "Idempotency-Key-Expires"
 
 # Never stored, never replayed: cookies belong to the first caller's session, hop-by-hop
-# headers to its connection, and Date to the moment of the first answer.
+# headers to its connection, Date to the moment of the first answer, and the key's expiry is
+# read afresh for each answer.
 NEVER_STORED_HEADERS = frozenset(
     {
         "set-cookie",
@@ -57,6 +62,7 @@ NEVER_STORED_HEADERS = frozenset(
         "upgrade",
         "content-length",
         REPLAYED_HEADER.lower(),
+        EXPIRES_HEADER.lower(),
     }
 )
 
@@ -304,15 +310,24 @@ def error_response(exc: IdempotencyError) -> HttpResponse:
     return response
 
 
-def replay_response(stored: StoredResponse) -> HttpResponse:
-    """The stored response, byte for byte, marked ``Idempotent-Replayed: true``."""
+def replay_response(stored: StoredResponse, expires_in: float | None = None) -> HttpResponse:
+    """The stored response, byte for byte, marked ``Idempotent-Replayed: true``, with its
+    key's expiry ``expires_in`` seconds from now (see :func:`add_expiry`)."""
     assert stored.body is not None
     response = HttpResponse(stored.body, status=stored.status)
     del response["Content-Type"]  # the stored headers carry the original one, if any
     for name, value in stored.headers:
         response[name] = value
     response[REPLAYED_HEADER] = "true"
+    add_expiry(response, expires_in)
     return response
+
+
+def add_expiry(response: HttpResponseBase, expires_in: float | None) -> None:
+    """Send when the key of a stored answer (the first one, or a replay) expires, as an
+    HTTP-date ``expires_in`` seconds from now; nothing when that is unknown (``None``)."""
+    if expires_in is not None:
+        response[EXPIRES_HEADER] = http_date(time.time() + expires_in)
 
 
 def render(request: Any, response: HttpResponseBase) -> None:

@@ -123,6 +123,8 @@ class Run:
         self._heartbeat: Heartbeat | None = None
         #: What finish() stored, for the signal sent once it is committed.
         self._stored: StoredResponse | None = None
+        #: Whether finish() stored the work's outcome with its body, for retries to replay.
+        self.replayable = False
 
     # Context manager: the sync adapters' way in and out.
 
@@ -230,6 +232,7 @@ class Run:
         """Mark the work as failed: nothing is stored, and the key is freed when the run ends."""
         if self.state in (State.CLAIMED, State.FINISHED):
             self._to(State.FAILED)
+            self.replayable = False  # the atomic mode rolls the stored outcome back
 
     def abort(self) -> None:
         """Fail and end at once: the work raised (the async adapters' ``__exit__``)."""
@@ -275,6 +278,7 @@ class Run:
             self._heartbeat.stop()
         if store.complete(claim, stored):
             self._stored = stored
+            self.replayable = stored.body is not None
         else:
             # Only in the lease mode: our lease passed and another request took the key over
             # (the heartbeat failed to renew it). Its record stands; ours is not written.

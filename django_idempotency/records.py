@@ -47,6 +47,9 @@ class Record:
     response: StoredResponse | None
     #: ``False`` once the key's TTL has passed (on the store's clock).
     live: bool
+    #: Seconds left until the key's TTL passes, on the store's clock when it was read
+    #: (negative once it has); ``None`` when the store cannot tell.
+    expires_in: float | None = None
     #: Seconds left on an unfinished lease-mode request's lease; ``None`` when it has none.
     lease_remaining: float | None = None
     #: The phases its request committed, in order, as ``(name, result)`` pairs. Only the

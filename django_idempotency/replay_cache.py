@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -25,7 +26,8 @@ from django_idempotency.records import COMPLETED, Record, StoredResponse, digest
 logger = logging.getLogger("django_idempotency")
 
 #: Bumped whenever the layout of a cached entry changes, so old entries are never misread.
-VERSION = 1
+#: 2: the key's expiry was added.
+VERSION = 2
 PREFIX = "django_idempotency:replay:"
 
 
@@ -54,13 +56,16 @@ def lookup(scope: str, key: str) -> Record | None:
         logger.warning("The replay cache could not be read; answering from the store.")
         return None
     # A list or a tuple: msgpack and JSON serializers give back lists.
-    if not isinstance(entry, (list, tuple)) or len(entry) != 5 or entry[0] != VERSION:
+    if not isinstance(entry, (list, tuple)) or len(entry) != 6 or entry[0] != VERSION:
         return None
-    _, fingerprint, status, headers, body = entry
+    _, fingerprint, status, headers, body, expires_at = entry
     try:
         content = base64.b64decode(body, validate=True)
+        expires_in = float(expires_at) - time.time()
     except (TypeError, ValueError):
         return None
+    if expires_in <= 0:
+        return None  # past its key's expiry (another server's clock ahead): ask the store
     return Record(
         fingerprint=fingerprint,
         state=COMPLETED,
@@ -69,13 +74,16 @@ def lookup(scope: str, key: str) -> Record | None:
             status=status, headers=[(name, value) for name, value in headers], body=content
         ),
         live=True,
+        expires_in=expires_in,
     )
 
 
 def remember(
     scope: str, key: str, fingerprint: str, response: StoredResponse, ttl: timedelta
 ) -> None:
-    """Cache a completed response for at most ``ttl``: it must never outlive the key itself."""
+    """Cache a completed response for at most ``ttl``, the time left until the key expires:
+    it must never outlive the key itself. The expiry is kept with it (on this server's
+    clock), for the replay's ``Idempotency-Key-Expires``."""
     cache = _cache()
     if cache is None:
         return
@@ -85,7 +93,8 @@ def remember(
     # django-redis's default pickle, and its JSON and msgpack serializers.
     body = base64.b64encode(response.body).decode("ascii")
     headers = [[name, value] for name, value in response.headers]
-    entry = [VERSION, fingerprint, response.status, headers, body]
+    expires_at = time.time() + ttl.total_seconds()
+    entry = [VERSION, fingerprint, response.status, headers, body, expires_at]
     try:
         cache.set(cache_key(scope, key), entry, timeout=ttl.total_seconds())
     except Exception:

@@ -136,6 +136,10 @@ class DatabaseHarness:
         """Make the key's TTL pass a second ago."""
         self._row(key, scope).update(expires_at=Now() - timedelta(seconds=1))
 
+    def set_expiry(self, key: str, expires_in: timedelta, *, scope: str = "anonymous") -> None:
+        """Move the key's expiry to ``expires_in`` from now (negative: passed)."""
+        self._row(key, scope).update(expires_at=Now() + expires_in)
+
     def set_lease(self, key: str, lease: timedelta, *, scope: str = "anonymous") -> None:
         """Move an unfinished key's lease deadline to ``lease`` from now (negative: passed)."""
         self._row(key, scope).update(lease_until=Now() + lease)
@@ -257,6 +261,10 @@ class CacheHarness:
     def expire(self, key: str, *, scope: str = "anonymous") -> None:
         """Make the key's TTL pass a second ago."""
         self._rewrite(key, scope, expires=self._now() - 1000)
+
+    def set_expiry(self, key: str, expires_in: timedelta, *, scope: str = "anonymous") -> None:
+        """Move the key's expiry to ``expires_in`` from now (negative: passed)."""
+        self._rewrite(key, scope, expires=self._now() + _ms(expires_in))
 
     def set_lease(self, key: str, lease: timedelta, *, scope: str = "anonymous") -> None:
         """Move an unfinished key's lease deadline to ``lease`` from now (negative: passed)."""

@@ -270,6 +270,22 @@ def test_completed_record_lives_for_the_keys_ttl(redis):
     assert 119_000 < redis.pttl() <= 120_000
 
 
+def test_record_reads_the_time_left_until_the_key_expires_on_the_servers_clock(redis):
+    store = redis.store()
+    claim = request_for("order-1", ttl=timedelta(seconds=120))
+    store.claim(claim, lease=timedelta(seconds=30))
+    store.complete(claim, RESPONSE)
+
+    record = store.get(scope=claim.scope, key=claim.key)
+    duplicate = store.claim(request_for("order-1"), lease=timedelta(seconds=30))
+
+    assert record is not None
+    for found in (record, duplicate):
+        assert found.completed
+        assert found.expires_in == pytest.approx(redis.pttl() / 1000, abs=0.5)
+        assert 119 < found.expires_in <= 120
+
+
 def test_completed_record_is_gone_once_its_ttl_passes_and_the_key_is_new_again(redis):
     store = redis.store()
     first = request_for("order-1", ttl=timedelta(milliseconds=300))

@@ -21,6 +21,7 @@ from django.db import connection
 from django.http import HttpResponse
 from django.test import Client, RequestFactory
 from django.test.client import encode_multipart
+from django.utils.http import parse_http_date
 
 from django_idempotency.core import request_fingerprint
 from django_idempotency.decorators import idempotent
@@ -78,8 +79,14 @@ def fingerprint_of(url, data=None, *, method="POST", content_type=JSON) -> str:
     return request_fingerprint(RequestFactory().generic(method, url, body, content_type))
 
 
-#: Headers a view sets that are never stored nor replayed (cookies are not in ``headers``).
-NEVER_REPLAYED = {"date", "keep-alive"}
+def expires_in(response) -> float:
+    """Seconds from now until the ``Idempotency-Key-Expires`` the response carries."""
+    return parse_http_date(response["Idempotency-Key-Expires"]) - time.time()
+
+
+#: Headers a view sets that are never stored nor replayed (cookies are not in ``headers``);
+#: ``Idempotency-Key-Expires`` is sent afresh with each answer.
+NEVER_REPLAYED = {"date", "keep-alive", "idempotency-key-expires"}
 
 
 def replayable(headers) -> dict[str, str]:
@@ -582,6 +589,44 @@ def test_response_is_kept_for_24_hours_by_default(client, url, store):
     send(client, url)
 
     assert_kept_for(store.get(KEY), timedelta(hours=24))
+
+
+def test_first_answer_carries_its_keys_expiry_which_is_never_stored(client, url, store, settings):
+    settings.IDEMPOTENCY_TTL = timedelta(minutes=5)
+
+    response = send(client, url)
+
+    assert response.status_code == 201
+    assert 300 - 2 <= expires_in(response) <= 300 + 1  # HTTP-dates are whole seconds
+    stored_names = {name.lower() for name, _ in store.get(KEY).headers}
+    assert "idempotency-key-expires" not in stored_names
+
+
+def test_replay_carries_the_keys_expiry_as_the_store_holds_it(client, url, runs, store):
+    send(client, url)
+    store.set_expiry(KEY, timedelta(minutes=7))  # as if 24 h minus 7 min had passed
+
+    retry = send(client, url)
+
+    assert retry["Idempotent-Replayed"] == "true"
+    assert 420 - 2 <= expires_in(retry) <= 420 + 1
+    assert len(runs) == 1
+
+
+def test_expiry_is_sent_only_with_answers_that_are_stored(client, url, runs, store):
+    send(client, url)
+    store.plant("busy", path=url, fingerprint=fingerprint_of(url))
+
+    answers = [
+        send(client, url, {"amount": 99}),  # 422 mismatch
+        send(client, url, key="busy"),  # 409 in progress
+        send(client, f"{url}?behaviour=500", key="server-error"),  # a 5xx: not stored
+        send(client, f"{url}?behaviour=stream", key="streamed"),  # completed without a body
+    ]
+
+    assert [answer.status_code for answer in answers] == [422, 409, 500, 201]
+    assert not any(answer.has_header("Idempotency-Key-Expires") for answer in answers)
+    assert store.get("server-error") is None
 
 
 # -- Store unreachable ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from django.db.models.functions import Now
 from django.http import JsonResponse
 from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
+from django.utils.http import parse_http_date
 
 from django_idempotency import replay_cache
 from django_idempotency.conf import get_store
@@ -83,6 +84,11 @@ def new_key() -> str:
 
 def race_url(base: str) -> str:
     return f"{base}?note={uuid.uuid4().hex[:12]}"
+
+
+def expires_in(response) -> float:
+    """Seconds from now until the ``Idempotency-Key-Expires`` the response carries."""
+    return parse_http_date(response["Idempotency-Key-Expires"]) - time.time()
 
 
 def sql(captured: CaptureQueriesContext) -> str:
@@ -205,6 +211,57 @@ def test_replay_after_a_miss_refills_the_cache_for_the_rest_of_the_keys_life(cac
     assert captured.captured_queries == [], f"the refilled cache was not used:\n{sql(captured)}"
     assert (replay.status_code, replay.content) == (201, first.content)
     assert 9 * 60_000 < cache.pttl(name) <= 10 * 60_000
+
+
+@pytest.mark.parametrize("base", VIEWS)
+def test_cached_replay_carries_the_keys_expiry_as_the_database_holds_it(base, cache):
+    url, key = race_url(base), new_key()
+    first = post(url, key)
+    row = IdempotencyKey.objects.get(key=key)
+
+    with CaptureQueriesContext(connection) as captured:
+        replay = post(url, key)
+
+    assert captured.captured_queries == []
+    assert replay["Idempotent-Replayed"] == "true"
+    expires_at = row.expires_at.timestamp()  # this host's database: its clock is the app's
+    for answer in (first, replay):
+        assert abs(parse_http_date(answer["Idempotency-Key-Expires"]) - expires_at) <= 2
+    stored_headers = cache.get(replay_cache.cache_key(ANONYMOUS, key))[3]
+    assert "Idempotency-Key-Expires" not in dict(stored_headers)
+
+
+def test_replay_after_a_miss_and_from_the_refilled_copy_carry_the_databases_expiry(cache):
+    url, key = race_url("/race/atomic/"), new_key()
+    post(url, key)
+    cache.delete(replay_cache.cache_key(ANONYMOUS, key))
+    IdempotencyKey.objects.update(expires_at=Now() + timedelta(minutes=10))
+
+    from_database = post(url, key)
+    with CaptureQueriesContext(connection) as captured:
+        from_cache = post(url, key)
+
+    assert captured.captured_queries == []
+    for replay in (from_database, from_cache):
+        assert replay["Idempotent-Replayed"] == "true"
+        assert 600 - 3 <= expires_in(replay) <= 600 + 1
+
+
+def test_entry_of_an_older_layout_is_a_miss_answered_by_the_database(cache):
+    url, key = race_url("/race/atomic/"), new_key()
+    first = post(url, key)
+    name = replay_cache.cache_key(ANONYMOUS, key)
+    entry = cache.get(name)
+    assert entry[0] == replay_cache.VERSION
+    cache.set(name, [1, *entry[1:5]], timeout=600)  # version 1: no expiry
+
+    with CaptureQueriesContext(connection) as captured:
+        replay = post(url, key)
+
+    assert captured.captured_queries, "the old entry was not read as a miss"
+    assert (replay.status_code, replay.content) == (201, first.content)
+    assert 86_400 - 60 <= expires_in(replay) <= 86_400 + 1
+    assert cache.get(name)[0] == replay_cache.VERSION  # refilled in the new layout
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ store, which has no atomic mode, so there every endpoint runs in the lease mode.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.test import RequestFactory
+from django.utils.http import parse_http_date
 
 pytest.importorskip("rest_framework")
 
@@ -95,6 +97,11 @@ def kept_for(record, ttl: timedelta) -> bool:
     return ttl - timedelta(seconds=30) < record.expires_in <= ttl
 
 
+def expires_in(response) -> float:
+    """Seconds from now until the ``Idempotency-Key-Expires`` the response carries."""
+    return parse_http_date(response["Idempotency-Key-Expires"]) - time.time()
+
+
 def charges_written() -> int:
     """Charges other than the ``existing_charge`` fixture's, counting its edits as one."""
     return (
@@ -169,7 +176,7 @@ def test_retry_gets_the_first_response_byte_for_byte_without_running_the_view(
     assert not first.has_header("Idempotent-Replayed")
     assert retry.status_code == first.status_code
     assert retry.content == first.content
-    never_replayed = {"date", "keep-alive"}
+    never_replayed = {"date", "keep-alive", "idempotency-key-expires"}  # sent afresh
     expected = {k.lower(): v for k, v in first.headers.items() if k.lower() not in never_replayed}
     replayed = {k.lower(): v for k, v in retry.headers.items() if k.lower() not in never_replayed}
     assert replayed == {**expected, "idempotent-replayed": "true"}
@@ -199,6 +206,38 @@ def test_new_key_stores_the_rendered_response(client, endpoint, store):
     assert record.fingerprint == endpoint.fingerprint()
     assert record.status == response.status_code
     assert record.body == response.content
+
+
+def test_first_answer_and_replay_carry_the_keys_expiry_which_is_never_stored(
+    client, endpoint, store
+):
+    first = send(client, endpoint)
+    store.set_expiry(KEY, timedelta(minutes=7))
+    retry = send(client, endpoint)
+
+    assert 86_400 - 2 <= expires_in(first) <= 86_400 + 1  # HTTP-dates are whole seconds
+    assert retry["Idempotent-Replayed"] == "true"
+    assert 420 - 2 <= expires_in(retry) <= 420 + 1
+    assert "idempotency-key-expires" not in {name.lower() for name, _ in store.get(KEY).headers}
+
+
+def test_expiry_is_sent_only_with_answers_that_are_stored(client, endpoint, runs, store):
+    send(client, endpoint)
+    store.plant(
+        "busy",
+        method=endpoint.method.upper(),
+        path=endpoint.url,
+        fingerprint=endpoint.fingerprint(),
+    )
+
+    answers = [
+        send(client, endpoint, {"amount": 6}),  # 422 mismatch
+        send(client, endpoint, key="busy"),  # 409 in progress
+        send(client, endpoint, key="server-error", suffix="?behaviour=500"),  # not stored
+    ]
+
+    assert [answer.status_code for answer in answers] == [422, 409, 500]
+    assert not any(answer.has_header("Idempotency-Key-Expires") for answer in answers)
 
 
 @pytest.mark.parametrize("change", ["body", "query string"])

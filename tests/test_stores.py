@@ -224,6 +224,9 @@ def test_store_reads_a_record_as_the_orm_does(state, expires_in, lease):
         expected.owner_token,
         expected.live,
     )
+    # The time left until the key expires, on the database clock (negative once passed).
+    assert record.expires_in == pytest.approx(expected.expires_in, abs=0.5)
+    assert record.expires_in == pytest.approx(expires_in.total_seconds(), abs=1)
     if lease is None or completed:
         assert record.lease_remaining is expected.lease_remaining is None
     else:  # read a moment apart, on the database clock

@@ -232,5 +232,6 @@ def _decode(value: bytes, now: int) -> Record:
         owner_token=token.decode(),
         response=response,
         live=int(expires) > now,
+        expires_in=(int(expires) - now) / 1000,
         lease_remaining=None if completed else (int(lease) - now) / 1000,
     )

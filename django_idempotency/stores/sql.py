@@ -360,6 +360,7 @@ class SqlStatements(OrmStatements):
             owner_token=token,
             response=response,
             live=expires_in > 0,
+            expires_in=expires_in,
             lease_remaining=lease_remaining,
         )
         return record, timedelta(seconds=expires_in)
@@ -450,6 +451,7 @@ def row_record(row: IdempotencyKey) -> Record:
         owner_token=row.owner_token,
         response=response,
         live=row.expires_at > now,
+        expires_in=(row.expires_at - now).total_seconds(),
         lease_remaining=lease_remaining,
     )
 
