@@ -1,4 +1,5 @@
-"""A read-only admin for inspecting idempotency keys, releasing stuck ones and purging.
+"""A read-only admin for inspecting idempotency keys, releasing stuck ones and purging; and
+for dead letters, re-driving them.
 
 Built to stay fast on a table of millions of keys: no full-table count, filters and a search
 served by the model's indexes, a date hierarchy that reads two index ends instead of scanning.
@@ -29,7 +30,13 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from django_idempotency.conf import conf
-from django_idempotency.models import IdempotencyKey, IdempotencyKeyQuerySet
+from django_idempotency.models import (
+    DeadLetter,
+    DeadLetterAlreadyRedriven,
+    DeadLetterQuerySet,
+    IdempotencyKey,
+    IdempotencyKeyQuerySet,
+)
 
 #: Characters of a stored body shown on the detail page; the rest is cut off.
 BODY_DISPLAY_LIMIT = 20_000
@@ -552,6 +559,115 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if kept:
             message = singular if kept == 1 else plural
             self.message_user(request, str(message) % {"count": kept}, messages.INFO)
+
+
+class RedrivenFilter(admin.SimpleListFilter):
+    title = _("re-driven")
+    parameter_name = "redriven"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("no", _("not yet")), ("yes", _("re-driven"))]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        if self.value() == "no":
+            return queryset.filter(redriven_at__isnull=True)
+        if self.value() == "yes":
+            return queryset.filter(redriven_at__isnull=False)
+        return queryset
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Look at Celery deliveries that failed past their retries; re-drive them, once each.
+
+    Nothing can be added, edited or deleted. The action re-drives with the same
+    ``DeadLetter.objects.redrive()`` as ``idempotency_dead_letters --redrive``, and needs the
+    model's change permission.
+    """
+
+    list_display = ("task_name", "key", "error", "created_at", "redriven_at")
+    list_display_links = ("key",)
+    list_filter = (RedrivenFilter,)
+    sortable_by = ("created_at",)
+    ordering = ("-created_at",)
+    search_fields = ("key", "task_name")
+    search_help_text = _("A key or a task name, exactly as stored.")
+    show_facets = admin.ShowFacets.NEVER
+    list_per_page = 50
+    actions = ("redrive",)
+    fields = (
+        "task_name",
+        "scope",
+        "key",
+        "task_id",
+        "arguments",
+        "error_type",
+        "error_message",
+        "created_at",
+        "redriven_at",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_redrive_permission(self, request: HttpRequest) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('change', opts)}")
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        """Only the filter's parameter: no URL lookups on arguments or errors (see the keys')."""
+        return lookup == RedrivenFilter.parameter_name
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: Any, search_term: str
+    ) -> tuple[Any, bool]:
+        """One term, matched exactly against the key or the task name."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(key=term) | Q(task_name=term)), False
+
+    @admin.display(description=_("error"))
+    def error(self, obj: DeadLetter) -> str:
+        return Truncator(f"{obj.error_type}: {obj.error_message}").chars(80)
+
+    @admin.action(description=_("Re-drive the selected dead letters"), permissions=["redrive"])
+    def redrive(self, request: HttpRequest, queryset: DeadLetterQuerySet) -> None:
+        redriven = refused = 0
+        for pk in queryset.values_list("pk", flat=True):
+            try:
+                DeadLetter.objects.redrive(pk)
+            except DeadLetterAlreadyRedriven:
+                refused += 1
+            else:
+                redriven += 1
+        if redriven:
+            self.message_user(
+                request,
+                ngettext(
+                    "Re-drove %(count)s dead letter.", "Re-drove %(count)s dead letters.", redriven
+                )
+                % {"count": redriven},
+                messages.SUCCESS,
+            )
+        if refused:
+            self.message_user(
+                request,
+                ngettext(
+                    "Skipped %(count)s dead letter re-driven already.",
+                    "Skipped %(count)s dead letters re-driven already.",
+                    refused,
+                )
+                % {"count": refused},
+                messages.WARNING,
+            )
 
 
 def render_body(obj: IdempotencyKey) -> SafeString | str:

@@ -9,6 +9,7 @@ and TTL as views and functions), and gives every later delivery the stored resul
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
@@ -19,13 +20,17 @@ from celery import Task
 from celery._state import get_current_task
 from celery.exceptions import Retry
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 
 from django_idempotency.exceptions import IdempotencyKeyInProgress
-from django_idempotency.functions import CallOptions, Serializer
+from django_idempotency.functions import CallOptions, IdempotentCall, Serializer, describe_arguments
+from django_idempotency.models import DeadLetter
 
 __all__ = ["idempotent_task"]
 
 Func = TypeVar("Func", bound=Callable[..., Any])
+
+logger = logging.getLogger("django_idempotency")
 
 
 @overload
@@ -95,6 +100,11 @@ def idempotent_task(
     committed phases: the task body finds its call as ``task.request.idempotency`` (``self``
     for a bound task, else ``celery.current_task``), and a delivery after a failure resumes
     after the last phase committed (with ``atomic=False``; see docs/phases.md).
+
+    A failure of the task body when Celery would retry no more (``request.retries`` has
+    reached the task's ``max_retries``; never with ``max_retries=None``) is recorded as a
+    :class:`~django_idempotency.models.DeadLetter`, one per key, for an operator to inspect
+    and re-drive (docs/celery.md#dead-letters).
     """
 
     if func is not None and not callable(func):
@@ -142,12 +152,18 @@ def idempotent_task(
                 "(its task id is the key), or give @idempotent_task key=.",
             )
 
+            failures: list[BaseException] = []
+
             def work() -> Any:
                 if task is not None:
                     # For phases and foreign keys in the task body, as request.idempotency in
                     # a view: self.request.idempotency.phase(...).
                     task.request.idempotency = call
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except Exception as exc:
+                    failures.append(exc)
+                    raise
 
             try:
                 return call.run(work)
@@ -164,6 +180,14 @@ def idempotent_task(
                 ):
                     raise
                 raise _defer(task, exc) from None
+            except Exception as exc:
+                # After call.run(): the key is freed (or keeps its recovery points) and, in
+                # the atomic mode, the failed attempt's writes rolled back.
+                # Only the body's own errors; a Retry it raised (task.retry()) is no failure.
+                body_failed = bool(failures) and failures[-1] is exc and not isinstance(exc, Retry)
+                if body_failed and _retries_exhausted(task):
+                    _record_dead_letter(task, call, arguments, kwargs, exc)
+                raise
 
         wrapper.idempotent_task = name  # type: ignore[attr-defined]
         return wrapper
@@ -171,6 +195,36 @@ def idempotent_task(
     if func is not None:
         return decorator(func)
     return decorator
+
+
+def _retries_exhausted(task: Any) -> bool:
+    """Whether Celery would refuse another retry of this delivery, as ``task.retry()`` does.
+
+    ``retry()`` raises instead of retrying once ``request.retries + 1 > max_retries``; a task
+    with ``max_retries=None`` retries for ever, so never exhausts them.
+    """
+    if task is None or task.request.called_directly or task.max_retries is None:
+        return False
+    retries: int = task.request.retries or 0
+    max_retries: int = task.max_retries
+    return retries >= max_retries
+
+
+def _record_dead_letter(
+    task: Any, call: IdempotentCall, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+) -> None:
+    try:
+        DeadLetter.objects.record(
+            scope=call.scope,
+            key=call.key,
+            task_name=task.name,
+            task_id=task.request.id,
+            arguments=describe_arguments(None, args, kwargs),
+            error=exc,
+        )
+    except (DatabaseError, TypeError, ValueError):
+        # The task's own error is what Celery must see; losing the letter is logged.
+        logger.exception("Could not record the dead letter of %s[%s].", task.name, call.key)
 
 
 def _defer(task: Any, exc: IdempotencyKeyInProgress) -> Retry:

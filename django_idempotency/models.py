@@ -1,4 +1,5 @@
-"""The ``IdempotencyKey`` model: one row per (scope, key), holding the stored response."""
+"""The ``IdempotencyKey`` model: one row per (scope, key), holding the stored response; and
+``DeadLetter``, the Celery deliveries that failed past their retries."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import OperationalError, connections, models, router, transaction
 from django.db.models import Q
 from django.db.models.deletion import Collector
@@ -14,6 +17,11 @@ from django.utils.translation import gettext_lazy as _
 
 from django_idempotency import records, replay_cache
 from django_idempotency.conf import conf
+
+try:  # Only re-driving a dead letter publishes a Celery task.
+    from celery import current_app as celery_app
+except ImportError:  # pragma: no cover - the minimal env, without the celery extra
+    celery_app = None
 
 
 class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
@@ -477,3 +485,124 @@ class IdempotencyKey(models.Model):
         """The name of the last phase committed, or ``""``."""
         points = self.recovery_points or []
         return str(points[-1][0]) if points else ""
+
+
+#: The characters of a failed task's error message that a dead letter keeps.
+ERROR_MESSAGE_LENGTH = 2000
+
+
+class DeadLetterAlreadyRedriven(Exception):
+    """The dead letter was re-driven already (or does not exist): it is not published again."""
+
+
+class DeadLetterQuerySet(models.QuerySet["DeadLetter"]):
+    """Dead letters: one per (scope, key), recorded by ``@idempotent_task``."""
+
+    def pending(self) -> DeadLetterQuerySet:
+        """Letters not re-driven since their task last failed."""
+        return self.filter(redriven_at__isnull=True)
+
+    def record(
+        self,
+        *,
+        scope: str,
+        key: str,
+        task_name: str,
+        task_id: str,
+        arguments: Any,
+        error: BaseException,
+    ) -> DeadLetter:
+        """Record a delivery that failed past its retries: one row per key, the last failure.
+
+        A key that fails again (after a re-drive, say) updates its row and may be re-driven
+        again.
+        """
+        letter, _created = self.update_or_create(
+            scope=scope,
+            key=key,
+            defaults={
+                "task_name": task_name,
+                "task_id": task_id,
+                "arguments": arguments,
+                "error_type": _error_type(error)[:255],
+                "error_message": str(error)[:ERROR_MESSAGE_LENGTH],
+                "redriven_at": None,
+            },
+        )
+        return letter
+
+    def redrive(self, pk: Any) -> DeadLetter:
+        """Publish the letter's task again, once: same task id, same arguments, so same key.
+
+        ``redriven_at`` is set by one conditional ``UPDATE`` before publishing, so of two
+        re-drives of one letter (two operators, a double click) only one publishes; the
+        other raises :class:`DeadLetterAlreadyRedriven`, as does an unknown ``pk``. The key
+        was freed when the task failed, so the re-driven delivery runs the task.
+        """
+        alias = router.db_for_write(self.model)
+        with transaction.atomic(using=alias):
+            marked = self.using(alias).pending().filter(pk=pk).update(redriven_at=Now())
+            if not marked:
+                raise DeadLetterAlreadyRedriven(
+                    f"Dead letter {pk!r} does not exist or was re-driven already."
+                )
+            letter = self.using(alias).get(pk=pk)
+            # Published last: if publishing fails, the letter stays pending.
+            letter.publish()
+        return letter
+
+
+def _error_type(error: BaseException) -> str:
+    kind = type(error)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class DeadLetter(models.Model):
+    """A Celery task delivery that failed after its last retry, kept for an operator."""
+
+    scope = ExactCharField(_("scope"), max_length=255)
+    key = ExactCharField(_("key"), max_length=255)
+    task_name = models.CharField(_("task name"), max_length=255)
+    task_id = models.CharField(_("task id"), max_length=255)
+    arguments = models.JSONField(
+        _("arguments"),
+        encoder=DjangoJSONEncoder,
+        help_text=_("The task's positional and keyword arguments: [args, kwargs]."),
+    )
+    error_type = models.CharField(_("error type"), max_length=255)
+    error_message = models.TextField(_("error message"), blank=True)
+    created_at = models.DateTimeField(_("created at"), db_default=Now())
+    redriven_at = models.DateTimeField(_("re-driven at"), null=True, blank=True)
+
+    objects = DeadLetterQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("dead letter")
+        verbose_name_plural = _("dead letters")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope", "key"], name="idempotency_deadletter_scope_key_uniq"
+            ),
+        ]
+        indexes = [
+            # The admin's list and the command, newest first.
+            models.Index(fields=["created_at", "id"], name="idempotency_dl_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.key}"
+
+    def publish(self) -> None:
+        """Send the task again with the letter's task id and arguments (no re-drive check)."""
+        if celery_app is None:  # pragma: no cover - the minimal env, without the celery extra
+            raise ImproperlyConfigured(
+                "Re-driving a dead letter needs Celery (pip install celery)."
+            )
+        args, kwargs = self.arguments
+        task = celery_app.tasks.get(self.task_name)
+        if task is None:
+            celery_app.send_task(self.task_name, args, kwargs, task_id=self.task_id)
+        else:
+            task.apply_async(args, kwargs, task_id=self.task_id)

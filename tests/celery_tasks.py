@@ -78,6 +78,26 @@ def import_file(self: Any, message: str) -> dict[str, Any]:
     return {"download": download, "import": imported, "resumed_after": call.resumed_after}
 
 
+@app.task(bind=True, autoretry_for=(ConnectionError,), max_retries=2, default_retry_delay=0)
+@idempotent_task
+def unreliable(self: Any, message: str, failures: int) -> dict[str, Any]:
+    """Retried on ``ConnectionError`` twice; fails its first ``failures`` runs for ``message``."""
+    if FAILURES.get(message, 0) < failures:
+        FAILURES[message] = FAILURES.get(message, 0) + 1
+        raise ConnectionError(f"failure {FAILURES[message]} of {message}")
+    return _effect(message, 1, 0.0)
+
+
+@app.task(autoretry_for=(ConnectionError,), max_retries=None, default_retry_delay=0)
+@idempotent_task(key=lambda event: event["id"])
+def retried_for_ever(event: dict[str, Any]) -> dict[str, Any]:
+    """Never exhausts its retries (``max_retries=None``); fails its first run."""
+    if FAILURES.get(event["id"], 0) < 1:
+        FAILURES[event["id"]] = 1
+        raise ConnectionError(f"failure of {event['id']}")
+    return _effect(event["id"], 1, 0.0)
+
+
 def _record(**event: Any) -> None:
     if path := os.environ.get("CELERY_TEST_EVENTS"):
         # One short write with O_APPEND: lines of concurrent processes never interleave.

@@ -10,6 +10,7 @@ test database on PostgreSQL and MariaDB, an SQLite file of the test's own on SQL
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 
@@ -28,7 +29,7 @@ from django_idempotency.exceptions import (
     IdempotencyKeyMissing,
 )
 from django_idempotency.functions import IdempotentCall
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import DeadLetter, IdempotencyKey
 from tests import celery_tasks
 from tests.celery_support import Worker
 from tests.factories import IdempotencyKeyFactory
@@ -277,6 +278,40 @@ def test_same_message_id_in_three_messages_has_one_effect(worker):
     assert results == [results[0]] * 3
     scope = "celery:tests.celery_tasks.handle_event"
     assert worker.keys(scope, message) == [IdempotencyKey.State.COMPLETED]
+
+
+def dead_letters(worker: Worker, key: str) -> list[tuple[str, str, str]]:
+    """The (task name, error type, error message) of the worker's dead letters for ``key``."""
+    if worker.sqlite is None:
+        rows = DeadLetter.objects.filter(key=key)
+        return list(rows.values_list("task_name", "error_type", "error_message"))
+    table = DeadLetter._meta.db_table
+    with sqlite3.connect(worker.sqlite) as database:
+        found = database.execute(
+            f'SELECT "task_name", "error_type", "error_message" FROM "{table}" WHERE "key" = ?',
+            [key],
+        ).fetchall()
+    database.close()
+    return [tuple(row) for row in found]
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_a_message_failing_past_its_retries_in_a_worker_leaves_one_dead_letter(worker):
+    """Celery's own autoretry runs it three times (max_retries=2); the last failure is kept."""
+    message = new_message()
+
+    task_id = worker.send("tests.celery_tasks.unreliable", message, 1000)
+    worker.wait_for("retry", task_id, 2)
+    result = worker.producer.AsyncResult(task_id)
+    result.get(timeout=30, interval=0.05, propagate=False)
+
+    assert result.state == "FAILURE"
+    [(task_name, error_type, error_message)] = dead_letters(worker, task_id)
+    assert task_name == "tests.celery_tasks.unreliable"
+    assert error_type == "ConnectionError"
+    assert error_message.startswith("failure ")
+    assert worker.effects(message) == 0
 
 
 @pytest.mark.redis
