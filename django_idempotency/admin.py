@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -37,6 +38,8 @@ from django_idempotency.models import (
     IdempotencyKey,
     IdempotencyKeyQuerySet,
 )
+
+logger = logging.getLogger("django_idempotency")
 
 #: Characters of a stored body shown on the detail page; the rest is cut off.
 BODY_DISPLAY_LIMIT = 20_000
@@ -640,14 +643,31 @@ class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.action(description=_("Re-drive the selected dead letters"), permissions=["redrive"])
     def redrive(self, request: HttpRequest, queryset: DeadLetterQuerySet) -> None:
-        redriven = refused = 0
+        redriven = refused = failed = 0
         for pk in queryset.values_list("pk", flat=True):
             try:
                 DeadLetter.objects.redrive(pk)
             except DeadLetterAlreadyRedriven:
                 refused += 1
+            except Exception:  # the broker's own errors, whatever its transport raises
+                # The letter stays pending (re-driving rolled back): say so, not a 500.
+                logger.exception("Could not re-drive dead letter %r.", pk)
+                failed += 1
             else:
                 redriven += 1
+        if failed:
+            self.message_user(
+                request,
+                ngettext(
+                    "Could not publish %(count)s dead letter (is the broker reachable?); it "
+                    "stays pending.",
+                    "Could not publish %(count)s dead letters (is the broker reachable?); they "
+                    "stay pending.",
+                    failed,
+                )
+                % {"count": failed},
+                messages.ERROR,
+            )
         if redriven:
             self.message_user(
                 request,

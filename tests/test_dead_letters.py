@@ -202,6 +202,25 @@ def test_the_admin_action_redrives_once(admin_client, eager):
     assert Charge.objects.filter(note=message).count() == 1
 
 
+def test_the_admin_action_says_when_the_broker_cannot_be_reached(admin_client, monkeypatch):
+    _message, _task_id, letter = dead_letter()
+
+    def broker_down(self):
+        raise ConnectionRefusedError("the broker is down")
+
+    monkeypatch.setattr(DeadLetter, "publish", broker_down)
+    data = {"action": "redrive", ACTION_CHECKBOX_NAME: [letter.pk]}
+
+    response = admin_client.post(reverse(CHANGELIST), data, follow=True)
+
+    assert response.status_code == 200
+    assert [str(m) for m in response.context["messages"]] == [
+        "Could not publish 1 dead letter (is the broker reachable?); it stays pending."
+    ]
+    letter.refresh_from_db()
+    assert letter.redriven_at is None
+
+
 def test_the_admin_action_needs_the_change_permission(client):
     user = UserFactory(is_staff=True)
     user.user_permissions.set(Permission.objects.filter(codename="view_deadletter"))
