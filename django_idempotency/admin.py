@@ -279,11 +279,56 @@ class MethodFilter(admin.SimpleListFilter):
         return queryset.filter(method=value) if value in offered else queryset
 
 
-# -- The admin ---------------------------------------------------------------------------------
+# -- The admins ----------------------------------------------------------------------------------
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """What both admins share: nothing is added, edited or deleted one by one, and the list
+    takes no URL lookup but the ones its own links carry."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Never Django's own deletes: a key's "Delete" button or the "delete selected" action
+        # would delete keys that live requests hold, in one unbatched statement.
+        return False
+
+    def has_model_permission(self, request: HttpRequest, action: str) -> bool:
+        """Whether the user has the model's ``action`` permission (``"delete"``, ``"change"``)."""
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        """Only the parameters that the list's own links carry: its filters and its dates.
+
+        Django allows a URL lookup on any of the model's own fields (``?response_body__contains=``,
+        ``?recovery_points__0__1__charge=``): a user who may not see stored responses could
+        find them out one guess at a time, from which keys the list shows. A lookup refused
+        here is Django's ``DisallowedModelAdminLookup``, a 400 response. Search (``q``), sorting
+        (``o``) and the page (``p``) are not lookups: each is restricted where it is used.
+        """
+        allowed: set[str] = set()
+        prefixes: list[str] = []
+        for item in self.get_list_filter(request):
+            if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
+                allowed.add(str(item.parameter_name))
+                continue
+            field = item[0] if isinstance(item, (list, tuple)) else item
+            if isinstance(field, str):
+                # A field filter that a subclass adds: its parameters (``scope__exact``,
+                # ``scope__isnull``...) all start with the field that the subclass chose.
+                prefixes.append(f"{field}__")
+        if self.date_hierarchy:
+            allowed.update(f"{self.date_hierarchy}__{part}" for part in ("year", "month", "day"))
+        return lookup in allowed or lookup.startswith(tuple(prefixes))
 
 
 @admin.register(IdempotencyKey)
-class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class IdempotencyKeyAdmin(ReadOnlyAdmin):
     """Look at keys and their stored responses; release stuck keys; purge expired ones.
 
     Nothing can be added or edited, and a single key cannot be deleted from its page: a key
@@ -343,50 +388,12 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "phases_table",
     )
 
-    # Read-only: no add, no edit, no per-key delete.
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Never Django's own deletes: a key's "Delete" button or the "delete selected" action
-        # would delete keys that live requests hold, in one unbatched statement.
-        return False
-
     def has_purge_permission(self, request: HttpRequest) -> bool:
         """The two actions, which delete only what is safe, need the model's delete permission."""
-        opts = self.opts
-        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('delete', opts)}")
+        return self.has_model_permission(request, "delete")
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return IdempotencyKeyChangeList
-
-    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
-        """Only the parameters that the list's own links carry: its filters and its dates.
-
-        Django allows a URL lookup on any of the model's own fields (``?response_body__contains=``,
-        ``?recovery_points__0__1__charge=``): a user who may not see stored responses could
-        find them out one guess at a time, from which keys the list shows. A lookup refused
-        here is Django's ``DisallowedModelAdminLookup``, a 400 response. Search (``q``), sorting
-        (``o``) and the page (``p``) are not lookups: each is restricted where it is used.
-        """
-        allowed: set[str] = set()
-        prefixes: list[str] = []
-        for item in self.get_list_filter(request):
-            if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
-                allowed.add(str(item.parameter_name))
-                continue
-            field = item[0] if isinstance(item, (list, tuple)) else item
-            if isinstance(field, str):
-                # A field filter that a subclass adds: its parameters (``scope__exact``,
-                # ``scope__isnull``...) all start with the field that the subclass chose.
-                prefixes.append(f"{field}__")
-        if self.date_hierarchy:
-            allowed.update(f"{self.date_hierarchy}__{part}" for part in ("year", "month", "day"))
-        return lookup in allowed or lookup.startswith(tuple(prefixes))
 
     def get_search_results(
         self, request: HttpRequest, queryset: Any, search_term: str
@@ -580,7 +587,7 @@ class RedrivenFilter(admin.SimpleListFilter):
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class DeadLetterAdmin(ReadOnlyAdmin):
     """Look at Celery deliveries that failed past their retries; re-drive them, once each.
 
     Nothing can be added, edited or deleted. The action re-drives with the same
@@ -611,22 +618,8 @@ class DeadLetterAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     )
     readonly_fields = fields
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_redrive_permission(self, request: HttpRequest) -> bool:
-        opts = self.opts
-        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('change', opts)}")
-
-    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
-        """Only the filter's parameter: no URL lookups on arguments or errors (see the keys')."""
-        return lookup == RedrivenFilter.parameter_name
+        return self.has_model_permission(request, "change")
 
     def get_search_results(
         self, request: HttpRequest, queryset: Any, search_term: str

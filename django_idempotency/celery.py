@@ -19,9 +19,10 @@ from asgiref.sync import iscoroutinefunction
 from celery import Task
 from celery._state import get_current_task
 from celery.exceptions import Retry
-from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 
+from django_idempotency.adapters import option_error
+from django_idempotency.conf import InvalidValue, describe
 from django_idempotency.exceptions import IdempotencyKeyInProgress
 from django_idempotency.functions import CallOptions, IdempotentCall, Serializer, describe_arguments
 from django_idempotency.models import DeadLetter
@@ -126,8 +127,12 @@ def idempotent_task(
             flags={"retry_in_progress": retry_in_progress},
         )
         if scope is not None and not isinstance(scope, str):
-            raise ImproperlyConfigured(
-                f"@idempotent_task on {name}: scope must be a string, not {scope!r}."
+            # CallOptions accepts a function of the arguments, as @idempotent_function does;
+            # a task's scope names the task's keys once, for every message.
+            raise option_error(
+                f"@idempotent_task on {name}",
+                "scope",
+                InvalidValue(f"must be a string, not {describe(scope)}."),
             )
 
         @wraps(func)

@@ -78,9 +78,6 @@ def register() -> None:
     checks.register(check_database, checks.Tags.database)
 
 
-_describe = describe
-
-
 def _error(setting: str, problem: str, id: str, hint: str | None = None) -> checks.Error:
     return checks.Error(f"{setting} {problem}", hint=hint, id=id)
 
@@ -357,7 +354,7 @@ def _unknown_cache(setting: str, alias: object, id: str) -> CheckMessages:
     return [
         _error(
             setting,
-            f"must be {optional}the alias of a cache in CACHES, not {_describe(alias)}.",
+            f"must be {optional}the alias of a cache in CACHES, not {describe(alias)}.",
             id,
             hint=f"Configured caches: {', '.join(sorted(settings.CACHES)) or 'none'}.",
         )

@@ -13,7 +13,8 @@ A result is stored through a serializer (:class:`JSONSerializer` unless
 the stored result as the serializer gives it back. Errors are raised as exceptions: the key
 used with other arguments (:class:`IdempotencyKeyMismatch`), a call with the key still running
 (:class:`IdempotencyKeyInProgress`, after ``wait``), a result that was too large to store
-(:class:`IdempotencyResponseNotStored`) and an unreachable store (:class:`StoreUnavailable`).
+(:class:`IdempotencyResponseNotStored`) and an unreachable store
+(:class:`IdempotencyStoreUnavailable`).
 """
 
 from __future__ import annotations

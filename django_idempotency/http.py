@@ -34,7 +34,7 @@ from django_idempotency.exceptions import (
     IdempotencyError,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
-    RequestInvalid,
+    IdempotencyRequestInvalid,
 )
 from django_idempotency.records import ClaimRequest, StoredResponse, digest
 
@@ -87,7 +87,7 @@ def read_claim(
     key = parse_key(raw_key)
     http_request = getattr(request, "_request", request)  # a DRF Request wraps Django's
     if not storable(http_request.path):
-        raise RequestInvalid(RequestInvalid.unstorable_path_detail)
+        raise IdempotencyRequestInvalid(IdempotencyRequestInvalid.unstorable_path_detail)
     fingerprint = fit(get_fingerprint_function()(http_request), 64)
     check_body_complete(http_request)
     return ClaimRequest(
@@ -195,7 +195,7 @@ def _charset(request: HttpRequest) -> str:
         return name.lower()
     # How bytes.decode() itself tells a bytes-to-bytes codec, which it refuses.
     if not getattr(info, "_is_text_encoding", True):
-        raise RequestInvalid(RequestInvalid.charset_detail)
+        raise IdempotencyRequestInvalid(IdempotencyRequestInvalid.charset_detail)
     return info.name
 
 
@@ -210,7 +210,7 @@ def _parse_pairs(text: str, charset: str = "utf-8") -> list[tuple[str, str]]:
             max_num_fields=settings.DATA_UPLOAD_MAX_NUMBER_FIELDS,
         )
     except ValueError as exc:  # more fields than allowed: Django's QueryDict refuses it too
-        raise RequestInvalid() from exc
+        raise IdempotencyRequestInvalid() from exc
 
 
 def _sorted_pairs(pairs: Iterable[tuple[str, _Value]]) -> list[tuple[str, _Value]]:
@@ -226,7 +226,7 @@ def _canonical_body(request: HttpRequest, charset: str = "utf-8") -> tuple[str, 
     except (SuspiciousOperation, MultiPartParserError) as exc:
         # Over DATA_UPLOAD_MAX_MEMORY_SIZE or too many fields, or a broken multipart body:
         # the view could not read it either.
-        raise RequestInvalid() from exc
+        raise IdempotencyRequestInvalid() from exc
     if content_type == "application/json" or content_type.endswith("+json"):
         try:
             # DRF decodes with the charset; json.loads(bytes) detects UTF-8, -16 and -32.
@@ -430,6 +430,6 @@ def check_body_complete(request: HttpRequest) -> None:
         try:
             received = len(request.body)
         except (SuspiciousOperation, MultiPartParserError) as exc:
-            raise RequestInvalid() from exc
+            raise IdempotencyRequestInvalid() from exc
     if received < expected:
-        raise RequestInvalid(RequestInvalid.truncated_detail)
+        raise IdempotencyRequestInvalid(IdempotencyRequestInvalid.truncated_detail)

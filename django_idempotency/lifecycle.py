@@ -26,7 +26,7 @@ from django_idempotency.exceptions import (
     IdempotencyKeyInProgress,
     IdempotencyKeyMismatch,
     IdempotencyResponseNotStored,
-    StoreUnavailable,
+    IdempotencyStoreUnavailable,
 )
 from django_idempotency.heartbeat import Heartbeat
 from django_idempotency.models import IdempotencyKey
@@ -166,7 +166,7 @@ class Run:
         wait = conf.IDEMPOTENCY_WAIT if self.wait is None else self.wait
         try:
             found = _waiting(lambda: _claim_once(store, claim, atomic=atomic), wait)
-        except StoreUnavailable:
+        except IdempotencyStoreUnavailable:
             if not _fail_open(store, context, claim):
                 raise
             self._to(State.UNPROTECTED)
@@ -185,7 +185,7 @@ class Run:
         self._claim, self._store, self._transaction = claim, store, found.transaction
         self._phases.resume(found.record.recovery_points)
         if not atomic:
-            self._heartbeat = Heartbeat(store, claim, conf.IDEMPOTENCY_LOCK_TTL)
+            self._heartbeat = Heartbeat(store, claim, conf.IDEMPOTENCY_LEASE)
         self._to(State.CLAIMED)
         if found.taken_over is not None:
             _signal("key_taken_over", store, context, claim, reason=found.taken_over)
@@ -193,7 +193,7 @@ class Run:
         _signal("key_claimed", store, context, claim, mode=mode)
         return None
 
-    def finish(self, stored: StoredResponse | None) -> StoreUnavailable | None:
+    def finish(self, stored: StoredResponse | None) -> IdempotencyStoreUnavailable | None:
         """Store the work's outcome, or release the key for ``None`` (nothing to store).
 
         Returns the store's failure when it left nothing behind (the atomic mode rolled the
@@ -210,7 +210,7 @@ class Run:
                 self._to(State.FAILED)
             else:
                 self._complete(stored)
-        except StoreUnavailable as exc:
+        except IdempotencyStoreUnavailable as exc:
             if self._transaction is None:
                 # Lease mode: the work has run and committed; its outcome is the truth. The
                 # claim stays in place until its lease passes, holding retries off that long.
@@ -404,7 +404,7 @@ def _claim_once(store: Store, claim: ClaimRequest, *, atomic: bool) -> _Owned | 
         # What the claim replaces, should it succeed.
         taken_over = "abandoned" if previous.live else "expired"
     if not atomic:
-        found = _decide(store.claim(claim, lease=conf.IDEMPOTENCY_LOCK_TTL, insert=insert), claim)
+        found = _decide(store.claim(claim, lease=conf.IDEMPOTENCY_LEASE, insert=insert), claim)
         return found if isinstance(found, Record) else _Owned(found.record, taken_over, None)
     using = _transaction_alias(store)  # now: a store may change its database later
     with ExitStack() as stack:
@@ -462,12 +462,12 @@ def _free(store: Store, claim: ClaimRequest, *, keep_phases: bool) -> None:
         # lease ends now, so a retry takes it over at once.
         try:
             cast(PhasedStore, store).end_lease(claim)
-        except (StoreUnavailable, KeyLocked):
+        except (IdempotencyStoreUnavailable, KeyLocked):
             logger.exception("Could not end the lease of idempotency key %r.", claim.key)
         return
     try:
         store.release(claim)
-    except (StoreUnavailable, KeyLocked):
+    except (IdempotencyStoreUnavailable, KeyLocked):
         # The claim stays until a retry takes it over (atomic mode: at once, as its lock is
         # free; lease mode: once its lease has passed).
         logger.exception("Could not release idempotency key %r.", claim.key)

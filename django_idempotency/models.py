@@ -46,10 +46,10 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         A lease-mode key is stale once its lease deadline has passed (a live request keeps
         renewing it). An atomic-mode key has no deadline: its live request holds its row lock
         instead. It is a candidate once it is older than ``lease`` (default
-        ``IDEMPOTENCY_LOCK_TTL``); :meth:`release_stale` and ``purge(stale_leases=True)`` then
+        ``IDEMPOTENCY_LEASE``); :meth:`release_stale` and ``purge(stale_leases=True)`` then
         skip it while a request holds its row lock.
         """
-        return self.filter(self._stale_q(conf.IDEMPOTENCY_LOCK_TTL if lease is None else lease))
+        return self.filter(self._stale_q(conf.IDEMPOTENCY_LEASE if lease is None else lease))
 
     def _releasable_q(self) -> Q:
         """Stale keys that may be deleted before their TTL: none with recovery points.
@@ -58,7 +58,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         deleting it would make its retry run its committed phases again. It goes when its TTL
         passes, or by :meth:`complete_abandoned`.
         """
-        return self._stale_q(conf.IDEMPOTENCY_LOCK_TTL) & Q(recovery_points__isnull=True)
+        return self._stale_q(conf.IDEMPOTENCY_LEASE) & Q(recovery_points__isnull=True)
 
     def _stale_q(self, lease: timedelta) -> Q:
         return Q(state=self.model.State.IN_PROGRESS) & (

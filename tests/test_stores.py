@@ -30,8 +30,8 @@ from django_idempotency.stores import (
     KeyLocked,
     KeyVanished,
     StoredResponse,
-    _record,
 )
+from django_idempotency.stores.sql import row_record
 from tests.conftest import OFFLINE_ALIAS
 from tests.models import Charge
 
@@ -212,7 +212,7 @@ def test_store_reads_a_record_as_the_orm_does(state, expires_in, lease):
         lease_until=None if lease is None else Now() + lease,
     )
     row = IdempotencyKey.objects.annotate(db_now=Now()).get()
-    expected = _record(row)
+    expected = row_record(row)
 
     record = DatabaseStore().get(scope="user:1", key="k-1")
 

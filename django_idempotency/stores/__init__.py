@@ -34,9 +34,6 @@ from django_idempotency.stores.base import (
 from django_idempotency.stores.cache import CacheStore
 from django_idempotency.stores.database import DatabaseStore
 
-# Kept for tests/test_stores.py, which compares the plain-SQL reads with the ORM's through it.
-from django_idempotency.stores.sql import row_record as _record  # noqa: F401
-
 __all__ = [
     "COMPLETED",
     "IN_PROGRESS",

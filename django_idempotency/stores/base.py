@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from django.db import InterfaceError, OperationalError, ProgrammingError
 
-from django_idempotency.exceptions import StoreUnavailable
+from django_idempotency.exceptions import IdempotencyStoreUnavailable
 from django_idempotency.records import IN_PROGRESS, ClaimRequest, Record, StoredResponse
 
 logger = logging.getLogger("django_idempotency")
@@ -45,8 +45,9 @@ class Store(Protocol):
     present, replace it with the caller's when :func:`may_take_over` says so (expired, or
     unfinished and abandoned: its lease passed with the same fingerprint, or in the atomic
     mode its lock is free); otherwise leave it. The caller owns the key when the returned
-    record carries its token. Failures to reach the store raise :class:`StoreUnavailable`;
-    a key held by a live request may raise :class:`KeyLocked`.
+    record carries its token. Failures to reach the store raise
+    :class:`IdempotencyStoreUnavailable`; a key held by a live request may raise
+    :class:`KeyLocked`.
     """
 
     #: Whether :meth:`lock` is available (the atomic mode).
@@ -187,7 +188,8 @@ def translate_errors(alias: str) -> Iterator[None]:
     """Turn the database errors of a store's statements on ``alias`` into what ``core`` expects.
 
     A lock conflict becomes :class:`KeyLocked`; a missing table or an outage becomes
-    :class:`StoreUnavailable` (503). Any other ``ProgrammingError`` is a bug and propagates.
+    :class:`IdempotencyStoreUnavailable` (503). Any other ``ProgrammingError`` is a bug and
+    propagates.
     """
     try:
         yield
@@ -198,7 +200,7 @@ def translate_errors(alias: str) -> Iterator[None]:
             # A deployment that forgot `migrate`: every covered request fails until it runs,
             # so say what to do in the log; the client gets the store-unavailable problem.
             logger.error(NOT_MIGRATED.format(alias=alias))
-            raise StoreUnavailable(retry_after=1) from exc
+            raise IdempotencyStoreUnavailable(retry_after=1) from exc
         if isinstance(exc, ProgrammingError):
             raise  # a bug, not an outage: never hidden behind a 503
-        raise StoreUnavailable(retry_after=1) from exc
+        raise IdempotencyStoreUnavailable(retry_after=1) from exc

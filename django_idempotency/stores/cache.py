@@ -16,7 +16,7 @@ from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.conf import conf
-from django_idempotency.exceptions import StoreUnavailable
+from django_idempotency.exceptions import IdempotencyStoreUnavailable
 from django_idempotency.records import (
     COMPLETED,
     IN_PROGRESS,
@@ -113,7 +113,7 @@ def _redis_errors() -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise StoreUnavailable(retry_after=1) from exc
+        raise IdempotencyStoreUnavailable(retry_after=1) from exc
 
 
 class CacheStore:

@@ -57,8 +57,7 @@ class DatabaseStore:
     def get(self, *, scope: str, key: str) -> Record | None:
         alias = self._alias()
         with translate_errors(alias):
-            found = self._statements(alias).get(scope, key)
-        return None if found is None else found[0]
+            return self._statements(alias).get(scope, key)
 
     def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
         alias = self._alias()
@@ -149,19 +148,18 @@ class ReplayCached:
         self._statements = statements
         self.alias = statements.alias
 
-    def get(self, scope: str, key: str) -> tuple[Record, timedelta | None] | None:
+    def get(self, scope: str, key: str) -> Record | None:
         cached = replay_cache.lookup(scope, key)
         if cached is not None:
-            return cached, None  # its time left is the copy's, which the cache keeps to itself
-        found = self._statements.get(scope, key)
-        if found is not None:
-            record, expires_in = found
-            if record.completed and record.live and expires_in is not None:
-                # A miss (the cache was restarted, or evicted the copy): refill it for the
-                # rest of the key's life, so the next replay needs no query again.
-                assert record.response is not None
-                replay_cache.remember(scope, key, record.fingerprint, record.response, expires_in)
-        return found
+            return cached
+        record = self._statements.get(scope, key)
+        if record is not None and record.completed and record.live and record.expires_in:
+            # A miss (the cache was restarted, or evicted the copy): refill it for the rest of
+            # the key's life, so the next replay needs no query again.
+            assert record.response is not None
+            remaining = timedelta(seconds=record.expires_in)
+            replay_cache.remember(scope, key, record.fingerprint, record.response, remaining)
+        return record
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
         completed = self._statements.complete(claim, response)

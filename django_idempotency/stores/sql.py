@@ -57,8 +57,8 @@ class Statements(Protocol):
 
     alias: str
 
-    def get(self, scope: str, key: str) -> tuple[Record, timedelta | None] | None:
-        """The key's record, unlocked, and the time left until its TTL passes, or ``None``."""
+    def get(self, scope: str, key: str) -> Record | None:
+        """The key's record, unlocked (its ``expires_in`` read on the database's clock)."""
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         """Insert the claim unless the key exists; ``False`` if a row was there already."""
@@ -102,12 +102,10 @@ class OrmStatements:
         self.connection = connection
         self.alias: str = connection.alias
 
-    def get(self, scope: str, key: str) -> tuple[Record, timedelta | None] | None:
+    def get(self, scope: str, key: str) -> Record | None:
         # (scope, key) is unique: no ORDER BY, unlike first().
         row = next(iter(self._rows().filter(scope=scope, key=key).order_by()[:1]), None)
-        if row is None:
-            return None
-        return row_record(row), row.expires_at - row.db_now
+        return None if row is None else row_record(row)
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         row = IdempotencyKey(
@@ -245,7 +243,7 @@ class SqlStatements(OrmStatements):
         """An ``INSERT`` that does nothing when the key exists."""
         raise NotImplementedError
 
-    def get(self, scope: str, key: str) -> tuple[Record, timedelta | None] | None:
+    def get(self, scope: str, key: str) -> Record | None:
         with self.connection.cursor() as cursor:
             cursor.execute(self._get, [scope, key])
             found = cursor.fetchone()
@@ -339,8 +337,8 @@ class SqlStatements(OrmStatements):
             f"{q('lease_until')} = NULL WHERE {self._where_owned}"
         )
 
-    def _record(self, row: tuple[Any, ...]) -> tuple[Record, timedelta]:
-        """The :class:`Record` of a row of :attr:`_get`, and the time left until it expires."""
+    def _record(self, row: tuple[Any, ...]) -> Record:
+        """The :class:`Record` of a row of :attr:`_get`."""
         fingerprint, state, token, status, headers, body, expires_in, lease = row
         response = None
         if state == COMPLETED and status is not None:
@@ -354,7 +352,7 @@ class SqlStatements(OrmStatements):
         lease_remaining = None
         if state == IN_PROGRESS and lease is not None:
             lease_remaining = float(lease) / self.unit
-        record = Record(
+        return Record(
             fingerprint=fingerprint,
             state=state,
             owner_token=token,
@@ -363,7 +361,6 @@ class SqlStatements(OrmStatements):
             expires_in=expires_in,
             lease_remaining=lease_remaining,
         )
-        return record, timedelta(seconds=expires_in)
 
 
 class PostgresqlStatements(SqlStatements):

@@ -71,7 +71,7 @@ class Command(BaseCommand):
             action="store_true",
             help=(
                 "Also delete unfinished keys whose request died (lease deadline passed, or "
-                "older than IDEMPOTENCY_LOCK_TTL and not locked), expired or not."
+                "older than IDEMPOTENCY_LEASE and not locked), expired or not."
             ),
         )
         parser.add_argument(
