@@ -48,13 +48,16 @@ class IdempotentClientError(Exception):
 
     ``key`` is the operation's idempotency key: calling again later with the same key (the
     ``idempotency_key`` argument) is safe, and gets the stored answer if the first run
-    finished.
+    finished. ``history`` says what each attempt got, as in ``IdempotentResult.history``.
     """
 
-    def __init__(self, message: str, *, key: str, attempts: int) -> None:
+    def __init__(
+        self, message: str, *, key: str, attempts: int, history: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.key = key
         self.attempts = attempts
+        self.history = history
 
 
 class IdempotentRequestError(IdempotentClientError):
@@ -64,7 +67,14 @@ class IdempotentRequestError(IdempotentClientError):
     problem's ``type``, ``title``, ``code`` and ``detail`` (``None`` otherwise).
     """
 
-    def __init__(self, response: httpx.Response, *, key: str, attempts: int) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        *,
+        key: str,
+        attempts: int,
+        history: tuple[str, ...] = (),
+    ) -> None:
         self.response = response
         self.status_code = response.status_code
         problem = _problem(response)
@@ -79,6 +89,7 @@ class IdempotentRequestError(IdempotentClientError):
             f"{self.status_code}{described}",
             key=key,
             attempts=attempts,
+            history=history,
         )
 
 
@@ -90,20 +101,29 @@ class RetriesExhausted(IdempotentClientError):
     """
 
     def __init__(
-        self, message: str, *, key: str, attempts: int, last_response: httpx.Response | None
+        self,
+        message: str,
+        *,
+        key: str,
+        attempts: int,
+        last_response: httpx.Response | None,
+        history: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(message, key=key, attempts=attempts)
+        super().__init__(message, key=key, attempts=attempts, history=history)
         self.last_response = last_response
 
 
 class CircuitOpen(IdempotentClientError):
     """The circuit breaker is open: nothing was sent. ``retry_in``: seconds until a probe."""
 
-    def __init__(self, *, key: str, attempts: int, retry_in: float) -> None:
+    def __init__(
+        self, *, key: str, attempts: int, retry_in: float, history: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(
             f"circuit open after repeated failures; next probe in {retry_in:.1f} s",
             key=key,
             attempts=attempts,
+            history=history,
         )
         self.retry_in = retry_in
 
@@ -121,6 +141,14 @@ def _problem(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _describe(response: httpx.Response) -> str:
+    """One answer in an operation's ``history``: ``201 replayed``, ``409 <problem code>``."""
+    if response.headers.get(REPLAYED_HEADER, "").strip().lower() == "true":
+        return f"{response.status_code} replayed"
+    code = _text(_problem(response).get("code"))
+    return f"{response.status_code} {code}" if code else str(response.status_code)
 
 
 # -- Retry-After -----------------------------------------------------------------------------
@@ -294,12 +322,16 @@ class IdempotentResult:
     """The final answer of an operation.
 
     ``replayed``: the server answered with the stored answer of an earlier attempt (its
-    ``Idempotent-Replayed: true``), whose own answer was lost.
+    ``Idempotent-Replayed: true``), whose own answer was lost. ``history``: what each
+    attempt got, in order, for logs, such as ``("timeout", "409 idempotency_key_in_progress",
+    "201 replayed")``: a status with the problem's ``code`` or ``replayed``, ``timeout``, or
+    the name of the transport error (``ConnectError``, ``RemoteProtocolError``).
     """
 
     response: httpx.Response
     key: str
     attempts: int
+    history: tuple[str, ...] = ()
 
     @property
     def replayed(self) -> bool:
@@ -332,26 +364,40 @@ class Attempts:
         self.breaker = breaker
         self.started = started
         self.count = 0
+        self.history: list[str] = []
 
     def begin(self) -> None:
         """Before an attempt: raise ``CircuitOpen`` if the breaker refuses it."""
         if self.breaker is not None:
             retry_in = self.breaker.allow()
             if retry_in is not None:
-                raise CircuitOpen(key=self.key, attempts=self.count, retry_in=retry_in)
+                raise CircuitOpen(
+                    key=self.key,
+                    attempts=self.count,
+                    retry_in=retry_in,
+                    history=tuple(self.history),
+                )
         self.count += 1
 
     def answered(self, response: httpx.Response) -> IdempotentResult | float:
         """The final result, or the seconds to wait before retrying; raises on a final error."""
+        self.history.append(_describe(response))
         if self.breaker is not None:
             if response.status_code >= 500:
                 self.breaker.record_failure()
             else:
                 self.breaker.record_success()
         if response.is_success or response.is_redirect or response.status_code < 200:
-            return IdempotentResult(response=response, key=self.key, attempts=self.count)
+            return IdempotentResult(
+                response=response,
+                key=self.key,
+                attempts=self.count,
+                history=tuple(self.history),
+            )
         if not self.policy.retryable_status(response):
-            raise IdempotentRequestError(response, key=self.key, attempts=self.count)
+            raise IdempotentRequestError(
+                response, key=self.key, attempts=self.count, history=tuple(self.history)
+            )
         wait = parse_retry_after(response.headers.get("Retry-After"))
         if wait is None:
             wait = self.policy.backoff(self.count - 1)
@@ -361,6 +407,9 @@ class Attempts:
 
     def failed(self, error: Exception) -> float:
         """The seconds to wait before retrying after ``error``; re-raises what is final."""
+        self.history.append(
+            "timeout" if isinstance(error, httpx.TimeoutException) else type(error).__name__
+        )
         if not self.policy.retryable_error(error):
             raise error
         if self.breaker is not None:
@@ -379,9 +428,21 @@ class Attempts:
             return wait
         if isinstance(last, httpx.Response):
             why += f" (last: {last.status_code})"
-            raise RetriesExhausted(why, key=self.key, attempts=self.count, last_response=last)
+            raise RetriesExhausted(
+                why,
+                key=self.key,
+                attempts=self.count,
+                last_response=last,
+                history=tuple(self.history),
+            )
         why += f" (last: {type(last).__name__})"
-        raise RetriesExhausted(why, key=self.key, attempts=self.count, last_response=None) from last
+        raise RetriesExhausted(
+            why,
+            key=self.key,
+            attempts=self.count,
+            last_response=None,
+            history=tuple(self.history),
+        ) from last
 
 
 # -- The clients -----------------------------------------------------------------------------

@@ -315,6 +315,7 @@ def test_connection_errors_and_timeouts_are_retried():
 
     assert result.attempts == 4
     assert result.replayed is True
+    assert result.history == ("ConnectError", "timeout", "RemoteProtocolError", "201 replayed")
     assert len(set(script.keys)) == 1
 
 
@@ -353,6 +354,7 @@ def test_a_mismatch_is_raised_at_once_with_the_problem():
     assert error.detail == "detail of idempotency_key_mismatch"
     assert error.key == "k1"
     assert error.attempts == 1
+    assert error.history == ("422 idempotency_key_mismatch",)
     assert error.response.status_code == 422
     assert "422: idempotency_key_mismatch" in str(error)
     assert sleeps == []
@@ -393,6 +395,7 @@ def test_it_gives_up_after_its_attempts_with_the_last_answer():
     assert raised.value.last_response is not None
     assert raised.value.last_response.status_code == 503
     assert raised.value.attempts == 3
+    assert raised.value.history == ("503", "503", "503")
     assert len(set(script.keys)) == 1
 
 
@@ -615,6 +618,7 @@ def test_a_call_whose_answer_was_lost_is_retried_into_the_stored_answer(proxy, m
 
     assert proxy.lost_answers == 1
     assert result.attempts == 2
+    assert result.history[-1] == "201 replayed"
     _assert_one_charge_replayed(note, result)
 
 

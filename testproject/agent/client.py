@@ -1,10 +1,11 @@
 """A tool-calling client, as an agent runtime has one: it calls a tool over HTTP and retries.
 
 ``call_tool()`` sends one tool call of the model to ``POST <base_url>/<name>/`` with
-``{"arguments": {...}}`` and returns the ``{"result": ...}`` it gets back. It retries through
-timeouts, dropped connections, ``409 idempotency_key_in_progress`` and ``502``/``503``/``504``,
-always with the same ``Idempotency-Key``, so the tool's effect happens once however often
-the call is sent. Standard library only, so it runs wherever the runtime does::
+``{"arguments": {...}}`` and returns the ``{"result": ...}`` it gets back. The retrying is
+django-idempotency's own client (``django_idempotency.client``, the ``client`` extra, on
+httpx): it retries through timeouts, dropped connections, ``409 idempotency_key_in_progress``,
+``429`` and ``502``/``503``/``504``, always with the same ``Idempotency-Key`` (the model's
+tool call id), so the tool's effect happens once however often the call is sent::
 
     result = call_tool(
         "http://127.0.0.1:8000/agent/tools",
@@ -18,23 +19,20 @@ the call is sent. Standard library only, so it runs wherever the runtime does::
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
-import http.client
-import json
-import random
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-#: Answers worth another attempt with the same key: the operation may not have run, or may
-#: still be running, and a retry either runs it or gets its stored answer.
-RETRIED_STATUSES = frozenset({502, 503, 504})
-IN_PROGRESS = "idempotency_key_in_progress"
+import httpx
+
+from django_idempotency.client import (
+    IdempotentClient,
+    IdempotentClientError,
+    IdempotentRequestError,
+    RetryPolicy,
+)
+
 #: The longest pause between attempts: of the backoff, and whatever a ``Retry-After`` asks for.
 MAX_BACKOFF = 2.0
 MAX_RETRY_AFTER = 30.0
@@ -67,14 +65,16 @@ class ToolCallError(Exception):
     or tell the user.
     """
 
-    def __init__(self, status: int, problem: Mapping[str, Any], *, answers: list[str]) -> None:
+    def __init__(
+        self, status: int, problem: Mapping[str, Any], *, answers: tuple[str, ...]
+    ) -> None:
         self.status = status
         self.problem = dict(problem)
         self.type = str(problem.get("type", "about:blank"))
         self.title = str(problem.get("title", f"HTTP {status}"))
         self.detail = str(problem.get("detail", ""))
         self.code = str(problem.get("code", ""))
-        self.answers = tuple(answers)
+        self.answers = answers
         self.attempts = len(answers)
         super().__init__(f"{status} {self.title}: {self.detail}" if self.detail else self.title)
 
@@ -86,9 +86,10 @@ class ToolCallFailed(Exception):
     is safe: it runs the tool if it never ran, and returns its stored answer if it did.
     """
 
-    def __init__(self, message: str, *, answers: list[str]) -> None:
-        super().__init__(f"{message}: {len(answers)} attempts, the last one: {answers[-1]}")
-        self.answers = tuple(answers)
+    def __init__(self, message: str, *, answers: tuple[str, ...]) -> None:
+        last = answers[-1] if answers else "none"
+        super().__init__(f"{message}: {len(answers)} attempts, the last one: {last}")
+        self.answers = answers
         self.attempts = len(answers)
 
 
@@ -118,96 +119,62 @@ def call_tool(
     """Call the tool ``name`` with ``arguments``; retry until it answers, at most ``max_attempts``.
 
     ``timeout`` bounds each attempt's connection and each wait for data. Between attempts
-    the client sleeps ``backoff`` seconds, doubled each time up to 2 s, with jitter, or as
-    long as a ``Retry-After`` header says (at most 30 s). A ``2xx`` answer is returned; any other
-    ``4xx`` (including ``422`` for a tool call id reused with other arguments) and a
-    ``500`` raise :class:`ToolCallError` at once; running out of attempts raises
-    :class:`ToolCallFailed`. ``headers`` are sent with every attempt (``Authorization``).
-    ``max_attempts`` and ``timeout`` together bound how long the call can take.
+    the client waits a random time up to ``backoff`` seconds, doubled each time up to 2 s
+    (exponential backoff with full jitter), or as long as a ``Retry-After`` header says (at
+    most 30 s). A ``2xx`` answer is returned; any other ``4xx`` (including ``422`` for a
+    tool call id reused with other arguments) and a ``500`` raise :class:`ToolCallError` at
+    once; running out of attempts raises :class:`ToolCallFailed`. ``headers`` are sent with
+    every attempt (``Authorization``). ``max_attempts`` and ``timeout`` together bound how
+    long the call can take.
     """
-    url = f"{base_url.rstrip('/')}/{name}/"
-    body = json.dumps({"arguments": dict(arguments)}).encode()
-    request_headers = {
-        **(headers or {}),
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        # The key is the model's tool call id, never a fresh UUID per attempt. The id is part
-        # of the conversation: the assistant message that asked for the call carries it, and
-        # every retry of that call (by this loop, or by a runtime that restarts and resumes
-        # the conversation from its transcript) carries the same one. A new UUID per attempt
-        # would make every retry a new operation, and a refund whose answer was lost to a
-        # timeout would be issued again.
-        "Idempotency-Key": idempotency_key(tool_call_id),
-    }
-    answers: list[str] = []
-    for attempt in range(1, max_attempts + 1):
-        retry_after: float | None = None
-        request = urllib.request.Request(url, body, request_headers, method="POST")
+    policy = RetryPolicy(
+        max_attempts=max_attempts,
+        deadline=None,  # max_attempts and timeout bound the call
+        backoff_base=backoff,
+        backoff_cap=MAX_BACKOFF,
+        max_retry_after=MAX_RETRY_AFTER,
+    )
+    # The key is the model's tool call id, never a fresh UUID per attempt. The id is part of
+    # the conversation: the assistant message that asked for the call carries it, and every
+    # retry of that call (by this client, or by a runtime that restarts and resumes the
+    # conversation from its transcript) carries the same one. A new UUID per attempt would
+    # make every retry a new operation, and a refund whose answer was lost to a timeout
+    # would be issued again.
+    with IdempotentClient(policy=policy, timeout=httpx.Timeout(timeout)) as client:
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, content = response.status, response.read()
-                replayed = response.headers.get("Idempotent-Replayed", "") == "true"
-        except urllib.error.HTTPError as error:
-            with error:
-                status, content = error.code, error.read()
-                retry_after = _retry_after(error.headers.get("Retry-After"))
-            problem = _problem(content)
-            answers.append(f"{status} {problem.get('code', '')}".strip())
-            if not _worth_retrying(status, problem):
-                raise ToolCallError(status, problem, answers=answers) from None
-        except TimeoutError:
-            answers.append("timeout")
-        except (ConnectionError, http.client.HTTPException) as error:
-            answers.append(type(error).__name__)  # the connection dropped mid-answer
-        except urllib.error.URLError as error:  # no connection: refused, unreachable, timeout
-            timed_out = isinstance(error.reason, TimeoutError)
-            answers.append("timeout" if timed_out else f"URLError {error.reason}")
-        else:
-            answers.append(f"{status} replayed" if replayed else str(status))
-            return ToolResult(_result(status, content, answers), status, replayed, tuple(answers))
-        if attempt < max_attempts:
-            pause = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF) * random.uniform(0.5, 1.0)
-            time.sleep(max(pause, min(retry_after or 0.0, MAX_RETRY_AFTER)))
-    raise ToolCallFailed(f"{name} did not answer", answers=answers)
+            answer = client.post(
+                f"{base_url.rstrip('/')}/{name}/",
+                json={"arguments": dict(arguments)},
+                headers={**(headers or {}), "Accept": "application/json"},
+                idempotency_key=idempotency_key(tool_call_id),
+            )
+        except IdempotentRequestError as error:
+            problem = _problem(error.response)
+            raise ToolCallError(error.status_code, problem, answers=error.history) from None
+        except IdempotentClientError as error:
+            raise ToolCallFailed(f"{name} did not answer", answers=error.history) from error
+    response = answer.response
+    return ToolResult(
+        _result(response, answer.history), response.status_code, answer.replayed, answer.history
+    )
 
 
-def _worth_retrying(status: int, problem: Mapping[str, Any]) -> bool:
-    if status == 409:
-        # Only "still running" ends by itself. Another 409 (a response too large to have been
-        # stored, the tool's own conflict) would be answered the same way every time.
-        return problem.get("code") == IN_PROGRESS
-    return status in RETRIED_STATUSES
-
-
-def _problem(content: bytes) -> dict[str, Any]:
+def _problem(response: httpx.Response) -> dict[str, Any]:
     try:
-        problem = json.loads(content)
+        problem = response.json()
     except ValueError:
         problem = None
     if isinstance(problem, dict):
         return problem
-    return {"detail": content[:200].decode("utf-8", "replace")}
+    return {"detail": response.content[:200].decode("utf-8", "replace")}
 
 
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds: a number of seconds or an HTTP date (RFC 9110)."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
+def _result(response: httpx.Response, answers: tuple[str, ...]) -> Any:
     try:
-        seconds = email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)
-    except (TypeError, ValueError):  # not a date, or one without a time zone
-        return None
-    return max(0.0, seconds.total_seconds())
-
-
-def _result(status: int, content: bytes, answers: list[str]) -> Any:
-    try:
-        answer = json.loads(content)
+        answer = response.json()
     except ValueError:
         answer = None
     if not isinstance(answer, dict) or "result" not in answer:
         problem = {"title": "Malformed tool answer", "detail": 'Expected {"result": ...}.'}
-        raise ToolCallError(status, problem, answers=answers)
+        raise ToolCallError(response.status_code, problem, answers=answers)
     return answer["result"]
