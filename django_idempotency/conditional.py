@@ -1,20 +1,43 @@
-"""Conditional updates (RFC 9110): entity tags of a resource's version, ``If-Match``, and the
-compare-and-set that checks and increments the version in one ``UPDATE``."""
+"""Conditional updates (RFC 9110): entity tags of a resource's version, ``If-Match``, the
+compare-and-set that checks and increments the version in one ``UPDATE``, and ``@conditional``,
+which applies them to a function view."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from functools import wraps
+from inspect import iscoroutinefunction
+from typing import Any, TypeVar
 
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import models, router, transaction
 from django.db.models import F
 from django.http import HttpResponse
+from django.http.response import HttpResponseBase
 
-from django_idempotency.exceptions import IdempotencyPreconditionFailed, PreconditionError
+from django_idempotency.conf import InvalidValue, describe, validate_bool, validate_methods
+from django_idempotency.exceptions import (
+    IdempotencyPreconditionFailed,
+    IdempotencyPreconditionRequired,
+    PreconditionError,
+)
 
-__all__ = ["IfMatch", "compare_and_set", "format_etag", "parse_if_match", "precondition_response"]
+__all__ = [
+    "IfMatch",
+    "compare_and_set",
+    "conditional",
+    "format_etag",
+    "parse_if_match",
+    "precondition_response",
+]
+
+_T = TypeVar("_T")
+
+#: The methods ``@conditional`` and ``ConditionalUpdateMixin`` make conditional by default.
+CONDITIONAL_METHODS = ("PUT", "PATCH", "DELETE")
 
 # RFC 9110 section 8.8.3: entity-tag = [ weak ] opaque-tag; opaque-tag = DQUOTE *etagc DQUOTE;
 # etagc = %x21 / %x23-7E / obs-text. A comma is an etagc, so a list is split by this pattern,
@@ -108,3 +131,171 @@ def precondition_response(exc: PreconditionError) -> HttpResponse:
     return HttpResponse(
         json.dumps(exc.problem()), status=exc.status_code, content_type="application/problem+json"
     )
+
+
+def refuse(request: Any, exc: PreconditionError) -> HttpResponse:
+    """Answer ``exc`` (``412``/``428``) for ``request``: a key it claimed is freed, not stored.
+
+    The answer is this layer's, given before the view wrote anything, like a view's own
+    error: a retry with a fresh ``If-Match`` may use the same key.
+    """
+    run = getattr(request, "idempotency", None)  # set by @idempotent, the mixin, the middleware
+    if run is not None:
+        run.fail()
+    return precondition_response(exc)
+
+
+def conditional(
+    model: type[models.Model] | models.QuerySet[Any],
+    *,
+    url_kwarg: str = "pk",
+    lookup_field: str = "pk",
+    version_field: str = "version",
+    required: bool = False,
+    methods: Iterable[str] = CONDITIONAL_METHODS,
+    with_pk: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make a function view's updates of one object conditional on ``If-Match``.
+
+    The object is the row of ``model`` (a model or a queryset) whose ``lookup_field`` is the
+    URL's ``url_kwarg``. A ``GET`` or ``HEAD`` answered ``2xx`` carries the ``ETag`` of the
+    version read *before* the view ran (so it is never newer than what the view shows). A
+    request in ``methods`` (``PUT``, ``PATCH``, ``DELETE``) runs in one transaction: the
+    version is checked against ``If-Match`` and incremented by one ``UPDATE``
+    (:func:`compare_and_set`), then the view runs; a ``412``/``428`` is answered before the
+    view, and a view's answer other than ``2xx`` rolls the increment back with the view's own
+    writes. A ``2xx`` answer (other than to ``DELETE``) carries the new ``ETag``. A missing
+    object is the view's to answer (its ``404``): preconditions are not evaluated then.
+
+    ``required=True`` answers ``428`` to such a request without ``If-Match``; ``with_pk``
+    makes tags of the form ``"<pk>.<version>"``. Sync views only. Under ``@idempotent`` (put
+    it above this decorator) a ``412``/``428`` is not stored and frees the key.
+    """
+    owner = "@conditional"
+    queryset, model_class = _queryset(model, owner)
+    for name, value in (
+        ("url_kwarg", url_kwarg),
+        ("lookup_field", lookup_field),
+        ("version_field", version_field),
+    ):
+        if not isinstance(value, str) or not value:
+            raise ImproperlyConfigured(
+                f"{owner}: {name} must be a non-empty string, not {describe(value)}."
+            )
+    _check_version_field(model_class, version_field, owner)
+    required = _option(owner, "required", validate_bool, required)
+    with_pk = _option(owner, "with_pk", validate_bool, with_pk)
+    covered = _option(owner, "methods", validate_methods, methods)
+    if not covered or not covered <= set(CONDITIONAL_METHODS):
+        raise ImproperlyConfigured(
+            f"{owner}: methods must be some of PUT, PATCH and DELETE, not {sorted(covered)}."
+        )
+
+    def tag(pk: object, version: int) -> str:
+        return format_etag(version, pk=pk if with_pk else None)
+
+    def decorator(view_func: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(view_func):
+            raise TypeError(f"@conditional(...) decorates a view, not {view_func!r}.")
+        if iscoroutinefunction(view_func):
+            raise TypeError(
+                f"@conditional cannot wrap the async view {view_func.__qualname__}: the "
+                "version check and the view's writes share one transaction, which Django's "
+                "ORM holds in one thread. Make the view sync."
+            )
+
+        @wraps(view_func)
+        def _view_wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
+            if url_kwarg not in kwargs:
+                raise ImproperlyConfigured(
+                    f"@conditional on {view_func.__qualname__}: the URL gives no {url_kwarg!r} "
+                    f"argument (it gives {sorted(kwargs)}); set url_kwarg."
+                )
+            using = router.db_for_write(model_class)
+            rows = queryset.using(using).filter(**{lookup_field: kwargs[url_kwarg]})
+            method = request.method
+            if method in ("GET", "HEAD"):
+                current = rows.values_list("pk", version_field).first()
+                response = view_func(request, *args, **kwargs)
+                if current is not None and _shows(response) and "ETag" not in response:
+                    response["ETag"] = tag(*current)
+                return response
+            if method not in covered:
+                return view_func(request, *args, **kwargs)
+            header = request.headers.get("If-Match")
+            if header is None and required:
+                return refuse(request, IdempotencyPreconditionRequired())
+            if_match = parse_if_match(header)
+            with transaction.atomic(using=using):
+                current = rows.values_list("pk", version_field).first()
+                if current is None:
+                    return view_func(request, *args, **kwargs)  # its 404
+                pk, version = current
+                expected = None
+                if if_match is not None and not if_match.any:
+                    if not if_match.matches(tag(pk, version)):
+                        return refuse(request, IdempotencyPreconditionFailed())
+                    expected = version
+                try:
+                    version = compare_and_set(queryset, pk, expected, version_field)
+                except IdempotencyPreconditionFailed as exc:
+                    return refuse(request, exc)  # changed or deleted since it was read
+                response = view_func(request, *args, **kwargs)
+                if not _shows(response):
+                    transaction.set_rollback(True, using=using)
+                elif method != "DELETE" and "ETag" not in response:
+                    response["ETag"] = tag(pk, version)
+                return response
+
+        return _view_wrapper
+
+    return decorator
+
+
+def _shows(response: HttpResponseBase) -> bool:
+    return 200 <= response.status_code < 300
+
+
+def _queryset(model: object, owner: str) -> tuple[models.QuerySet[Any], type[models.Model]]:
+    if isinstance(model, models.QuerySet):
+        return model, model.model
+    if isinstance(model, type) and issubclass(model, models.Model):
+        return model._default_manager.all(), model
+    raise ImproperlyConfigured(
+        f"{owner}: the first argument must be a model class or a queryset, not {describe(model)}."
+    )
+
+
+def _check_version_field(model: type[models.Model], name: str, owner: str) -> None:
+    try:
+        field = model._meta.get_field(name)
+    except FieldDoesNotExist:
+        raise ImproperlyConfigured(
+            f"{owner}: {model.__name__} has no field {name!r} to hold its version; add a "
+            "PositiveIntegerField(default=1) or set version_field."
+        ) from None
+    if field.get_internal_type() not in _INTEGER_FIELDS:
+        raise ImproperlyConfigured(
+            f"{owner}: {model.__name__}.{name} must be an integer field to hold a version, "
+            f"not a {type(field).__name__}."
+        )
+
+
+_INTEGER_FIELDS = frozenset(
+    {
+        "IntegerField",
+        "BigIntegerField",
+        "SmallIntegerField",
+        "PositiveIntegerField",
+        "PositiveBigIntegerField",
+        "PositiveSmallIntegerField",
+    }
+)
+
+
+def _option(owner: str, name: str, validate: Callable[[object], _T], value: object) -> _T:
+    try:
+        return validate(value)
+    except InvalidValue as exc:
+        hint = f" {exc.hint}" if exc.hint else ""
+        raise ImproperlyConfigured(f"{owner}: {name} {exc.problem}{hint}") from None

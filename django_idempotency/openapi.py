@@ -21,13 +21,17 @@ from django_idempotency.adapters import Options
 from django_idempotency.conf import conf
 from django_idempotency.http import MAX_KEY_LENGTH, REPLAYED_HEADER, is_stored_status
 from django_idempotency.middleware import class_options
-from django_idempotency.rest_framework import IdempotentMixin
+from django_idempotency.rest_framework import ConditionalUpdateMixin, IdempotentMixin
 
 __all__ = ["IdempotencyViewExtension", "document_operation"]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_COMPONENT = "IdempotencyProblem"
 CODE_COMPONENT = "IdempotencyProblemCode"
+PRECONDITION_COMPONENT = "PreconditionProblem"
+PRECONDITION_CODE_COMPONENT = "PreconditionProblemCode"
+#: The actions of ``ConditionalUpdateMixin`` whose requests honour ``If-Match``.
+_CONDITIONAL_ACTIONS = {"PUT": "update", "PATCH": "partial_update", "DELETE": "destroy"}
 _STORED_SCHEMA = "_idempotency_schema"
 
 
@@ -57,7 +61,7 @@ def _code_schema() -> dict[str, Any]:
     return {"type": "string", "enum": codes, "description": "A stable code: branch on it."}
 
 
-def _problem_schema(code_ref: dict[str, str]) -> dict[str, Any]:
+def _problem_schema(code_ref: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
         "description": "An RFC 9457 problem details object answered by django-idempotency.",
@@ -189,6 +193,95 @@ def document_operation(
             }
 
 
+def document_conditional(
+    operation: dict[str, Any],
+    registry: ComponentRegistry,
+    view: ConditionalUpdateMixin,
+    method: str,
+    *,
+    detail: bool,
+) -> None:
+    """Add ``ETag``, ``If-Match``, ``412`` and ``428`` to an operation of ``view``.
+
+    A read of one object (``GET`` on a detail route) and an update answer the ``ETag``; an
+    update or delete (``PUT``, ``PATCH``, ``DELETE``) takes ``If-Match`` and may answer
+    ``412``, and ``428`` when the view requires the header.
+    """
+    action = getattr(view, "action", None)
+    conditional = method in _CONDITIONAL_ACTIONS and (
+        action is None or action == _CONDITIONAL_ACTIONS[method]
+    )
+    shows_one = (conditional and method != "DELETE") or (method == "GET" and detail)
+    responses = operation.setdefault("responses", {})
+    if shows_one:
+        for status, response in responses.items():
+            if str(status).upper() in ("2XX", "DEFAULT") or str(status).startswith("2"):
+                response.setdefault("headers", {})["ETag"] = {
+                    "description": "The strong entity tag of the version shown: send it in "
+                    "If-Match to update or delete this version only.",
+                    "schema": {"type": "string"},
+                    "example": '"3"',
+                }
+    if not conditional:
+        return
+    required = view.conditional_required
+    parameters = operation.setdefault("parameters", [])
+    parameters[:] = [
+        parameter
+        for parameter in parameters
+        if not (parameter.get("in") == "header" and parameter.get("name", "").lower() == "if-match")
+    ]
+    parameters.append(
+        {
+            "name": "If-Match",
+            "in": "header",
+            "required": required,
+            "description": "The ETag of the version this request was made from: the request "
+            "is applied only if it is still the current version, and answered 412 otherwise. "
+            + (
+                "Required: a request without it is answered 428."
+                if required
+                else "Without it (or with *), the current version is changed, whatever it is."
+            ),
+            "schema": {"type": "string"},
+            "example": '"3"',
+        }
+    )
+    code = ResolvedComponent(  # type: ignore[no-untyped-call]
+        name=PRECONDITION_CODE_COMPONENT,
+        type=ResolvedComponent.SCHEMA,
+        schema={"type": "string", "enum": sorted(_PRECONDITION_CODES)},
+        object=PRECONDITION_CODE_COMPONENT,
+    )
+    registry.register_on_missing(code)  # a component of its own, as in _code_schema()
+    component = ResolvedComponent(  # type: ignore[no-untyped-call]
+        name=PRECONDITION_COMPONENT,
+        type=ResolvedComponent.SCHEMA,
+        schema=_precondition_schema(code.ref),
+        object=PRECONDITION_COMPONENT,
+    )
+    registry.register_on_missing(component)
+    answers = [(412, "The If-Match header names no current version: nothing was written.")]
+    if required:
+        answers.append((428, "The If-Match header is missing: nothing was written."))
+    for status, description in answers:
+        response = responses.setdefault(str(status), {"description": description})
+        response.setdefault("content", {}).setdefault(PROBLEM_MEDIA_TYPE, {"schema": component.ref})
+
+
+def _precondition_schema(code_ref: dict[str, Any]) -> dict[str, Any]:
+    schema = _problem_schema(code_ref)
+    schema["description"] = "An RFC 9457 problem details object for a conditional request."
+    del schema["properties"]["original_status"]
+    return schema
+
+
+_PRECONDITION_CODES = {
+    exceptions.IdempotencyPreconditionFailed.default_code,
+    exceptions.IdempotencyPreconditionRequired.default_code,
+}
+
+
 class IdempotentSchema:
     """Mixed into a protected view's own ``AutoSchema`` class by the extension below."""
 
@@ -198,9 +291,13 @@ class IdempotentSchema:
         method: str = self.method  # type: ignore[attr-defined]
         if operation is None:
             return None
+        registry = self.registry  # type: ignore[attr-defined]
         options = _operation_options(view, method)
         if options is not None and method in options.covered_methods:
-            document_operation(operation, self.registry, options)  # type: ignore[attr-defined]
+            document_operation(operation, registry, options)
+        if isinstance(view, ConditionalUpdateMixin):
+            detail = not self._is_list_view()  # type: ignore[attr-defined]
+            document_conditional(operation, registry, view, method, detail=detail)
         return operation
 
     def get_description(self) -> str:
@@ -208,7 +305,7 @@ class IdempotentSchema:
         view_class = type(self.view)  # type: ignore[attr-defined]
         if description and description == get_doc(view_class):
             # The view's docstring, which drf-spectacular looks for along the MRO: for a view
-            # without one of its own, that would be IdempotentMixin's, about the mixin.
+            # without one of its own, that would be one of the mixins', about the mixin.
             return _view_doc(view_class)
         return description
 
@@ -224,13 +321,13 @@ def _operation_options(view: Any, method: str) -> Options | None:
 
 
 def _view_doc(view_class: type[Any]) -> str:
-    """drf-spectacular's ``get_doc(view_class)`` with ``IdempotentMixin``'s docstring skipped:
+    """drf-spectacular's ``get_doc(view_class)`` with the mixins' docstrings skipped:
     the first docstring along the MRO before the library classes it excludes."""
     mro = view_class.__mro__
     excluded = spectacular_settings.GET_LIB_DOC_EXCLUDES()
     barrier = min((mro.index(klass) for klass in excluded if klass in mro), default=len(mro))
     for klass in mro[:barrier]:
-        if klass is not IdempotentMixin and klass.__doc__:
+        if klass not in (IdempotentMixin, ConditionalUpdateMixin) and klass.__doc__:
             return get_doc(klass)
     return ""
 
@@ -297,14 +394,15 @@ def _replacement(view_class: type[Any]) -> type[Any]:
 
 
 def _protects_any(view_class: type[Any]) -> bool:
-    if issubclass(view_class, IdempotentMixin):
+    if issubclass(view_class, (IdempotentMixin, ConditionalUpdateMixin)):
         return True  # its get_idempotency_options() says which methods, per instance
     names = getattr(view_class, "http_method_names", ())
     return any(class_options(view_class, name) is not None for name in names)
 
 
 class IdempotencyViewExtension(OpenApiViewExtension):  # type: ignore[no-untyped-call]
-    """Documents every DRF view protected by ``IdempotentMixin`` or ``@idempotent``.
+    """Documents every DRF view protected by ``IdempotentMixin`` or ``@idempotent``, and the
+    conditional requests of ``ConditionalUpdateMixin``.
 
     Its priority is below the default, so a project's own view extension for a view wins
     (and that view is then documented as the project's extension says).

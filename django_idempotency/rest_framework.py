@@ -6,7 +6,8 @@ The only module that imports Django REST Framework.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -150,12 +151,13 @@ class ConditionalUpdateMixin:
 
     A response that shows one object (``retrieve``, ``update``, ``partial_update``) carries
     its strong ``ETag``, made of the model's version field (``conditional_version_field``, a
-    positive integer). ``PUT`` and ``PATCH`` honour ``If-Match``: the version is compared and
-    incremented by one ``UPDATE`` inside a transaction that also holds the serializer's save,
-    so of two updates of the same version exactly one is written and the other answers
-    ``412 precondition_failed`` with nothing written. With ``conditional_required = True`` an
-    update without ``If-Match`` answers ``428 precondition_required``; without it, such an
-    update (and ``If-Match: *``) is written whatever the version, and still increments it.
+    positive integer). ``PUT``, ``PATCH`` and ``DELETE`` honour ``If-Match``: the version is
+    compared and incremented by one ``UPDATE`` inside a transaction that also holds the
+    serializer's save (or the delete), so of two writes of the same version exactly one is
+    done and the other answers ``412 precondition_failed`` with nothing written. With
+    ``conditional_required = True`` a write without ``If-Match`` answers
+    ``428 precondition_required``; without it, such a write (and ``If-Match: *``) is done
+    whatever the version, and still increments it.
 
     List it after ``IdempotentMixin`` and before DRF's class:
     ``class DocumentViewSet(IdempotentMixin, ConditionalUpdateMixin, ModelViewSet)``.
@@ -197,12 +199,32 @@ class ConditionalUpdateMixin:
         return obj
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        if self.conditional_required and "If-Match" not in request.headers:
-            raise IdempotencyPreconditionRequired()
+        self._require_precondition(request)
         return super().update(request, *args, **kwargs)  # type: ignore[misc]
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        self._require_precondition(request)
+        return super().destroy(request, *args, **kwargs)  # type: ignore[misc]
 
     def perform_update(self, serializer: Any) -> None:
         instance = serializer.instance
+        with self._compare_and_set(instance):
+            # A client never sets the version: compare_and_set() did.
+            serializer.validated_data.pop(self.conditional_version_field, None)
+            super().perform_update(serializer)  # type: ignore[misc]
+
+    def perform_destroy(self, instance: Any) -> None:
+        with self._compare_and_set(instance):
+            super().perform_destroy(instance)  # type: ignore[misc]
+
+    def _require_precondition(self, request: Request) -> None:
+        if self.conditional_required and "If-Match" not in request.headers:
+            raise IdempotencyPreconditionRequired()
+
+    @contextmanager
+    def _compare_and_set(self, instance: Any) -> Iterator[None]:
+        """Check ``If-Match`` against ``instance``'s version, then increment it in a
+        transaction that also holds the write done inside this block."""
         field = self.conditional_version_field
         request: Request = self.request  # type: ignore[attr-defined]
         if_match = parse_if_match(request.headers.get("If-Match"))
@@ -215,12 +237,11 @@ class ConditionalUpdateMixin:
             expected = getattr(instance, field)
         model = type(instance)
         with transaction.atomic(using=router.db_for_write(model)):
-            # The UPDATE takes the row lock first, so the save below cannot interleave with
+            # The UPDATE takes the row lock first, so the write below cannot interleave with
             # another writer's; a 412 raised here rolls the whole block back.
             version = compare_and_set(model._base_manager.all(), instance.pk, expected, field)
             setattr(instance, field, version)
-            serializer.validated_data.pop(field, None)  # a client never sets the version
-            super().perform_update(serializer)  # type: ignore[misc]
+            yield
 
     def handle_exception(self, exc: Exception) -> HttpResponseBase:
         # With IdempotentMixin (listed first) these never reach here: it answers them itself.

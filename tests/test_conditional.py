@@ -15,12 +15,20 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from django_idempotency import exceptions
-from django_idempotency.conditional import IfMatch, compare_and_set, format_etag, parse_if_match
+from django_idempotency import conditional as conditional_module
+from django_idempotency.conditional import (
+    IfMatch,
+    compare_and_set,
+    conditional,
+    format_etag,
+    parse_if_match,
+)
 from django_idempotency.exceptions import IdempotencyPreconditionFailed, PreconditionError
 from django_idempotency.models import IdempotencyKey
 from tests.models import Document
@@ -56,6 +64,13 @@ def put(client, document, *, prefix="documents", if_match=None, partial=False, *
         content_type="application/json",
         headers=headers,
     )
+
+
+def delete(client, document, *, prefix="documents", if_match=None, key=None):
+    headers = {} if if_match is None else {"If-Match": if_match}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return client.delete(f"/{prefix}/{document.pk}/", headers=headers)
 
 
 def stored(document) -> tuple[str, int]:
@@ -297,6 +312,28 @@ class TestConditionalUpdateMixin:
         assert response.status_code == 200
         assert response["ETag"] == f'"{document.pk}.2"'
 
+    def test_a_delete_of_a_stale_version_answers_412_and_deletes_nothing(self, client, document):
+        Document.objects.filter(pk=document.pk).update(title="theirs", version=2)
+
+        response = delete(client, document, if_match='"1"')
+
+        assert response.status_code == 412
+        assert response.json()["code"] == "precondition_failed"
+        assert stored(document) == ("theirs", 2)
+
+    def test_a_delete_of_the_current_version_deletes(self, client, document):
+        response = delete(client, document, if_match='"1"')
+
+        assert response.status_code == 204
+        assert not Document.objects.filter(pk=document.pk).exists()
+
+    def test_a_delete_without_if_match_answers_428_when_one_is_required(self, client, document):
+        response = delete(client, document, prefix="required")
+
+        assert response.status_code == 428
+        assert stored(document) == ("draft", 1)
+        assert delete(client, document, prefix="required", if_match='"1"').status_code == 204
+
 
 class TestWithIdempotencyKey:
     pytestmark = drf_views
@@ -336,6 +373,215 @@ class TestWithIdempotencyKey:
         assert put(client, document, prefix="keyed", if_match='"1"').status_code == 200
         assert put(client, document, prefix="keyed", if_match='"1"').status_code == 412
         assert stored(document) == ("final", 2)
+
+
+# -- @conditional on function views -----------------------------------------------------------
+
+function_views = [pytest.mark.django_db, pytest.mark.urls("tests.conditional_views")]
+
+
+class TestConditionalDecorator:
+    pytestmark = function_views
+
+    def test_a_read_carries_the_etag_of_the_version_it_shows(self, client, document):
+        response = client.get(f"/function/{document.pk}/")
+
+        assert response.status_code == 200
+        assert response["ETag"] == '"1"'
+        assert response.json()["version"] == 1
+
+    def test_a_missing_object_is_the_views_404_without_an_etag(self, client, document):
+        document.pk += 1000
+
+        assert not client.get(f"/function/{document.pk}/").has_header("ETag")
+        assert put(client, document, prefix="function", if_match='"1"').status_code == 404
+        assert delete(client, document, prefix="function", if_match='"1"').status_code == 404
+
+    @pytest.mark.parametrize("partial", [False, True])
+    def test_an_update_of_the_current_version_is_written_and_bumps_it(
+        self, client, document, partial
+    ):
+        response = put(client, document, prefix="function", if_match='"1"', partial=partial)
+
+        assert response.status_code == 200
+        assert response["ETag"] == '"2"'
+        assert stored(document) == ("final", 2)
+
+    def test_a_stale_if_match_answers_412_and_the_view_never_runs(self, client, document):
+        Document.objects.filter(pk=document.pk).update(title="theirs", version=2)
+
+        response = put(client, document, prefix="function", if_match='"1"')
+
+        assert response.status_code == 412
+        assert response["Content-Type"] == "application/problem+json"
+        assert response.json()["code"] == "precondition_failed"
+        assert not response.has_header("ETag")
+        assert stored(document) == ("theirs", 2)
+
+    @pytest.mark.parametrize("if_match", ['W/"1"', "1", '"1", *'])
+    def test_a_weak_or_malformed_if_match_answers_412(self, client, document, if_match):
+        assert put(client, document, prefix="function", if_match=if_match).status_code == 412
+        assert stored(document) == ("draft", 1)
+
+    @pytest.mark.parametrize("if_match", [None, "*"])
+    def test_without_a_precondition_any_version_is_updated_and_bumped(
+        self, client, document, if_match
+    ):
+        Document.objects.filter(pk=document.pk).update(version=4)
+
+        response = put(client, document, prefix="function", if_match=if_match)
+
+        assert response.status_code == 200
+        assert response["ETag"] == '"5"'
+        assert stored(document) == ("final", 5)
+
+    def test_a_view_refusing_the_update_rolls_the_version_back(self, client, document):
+        response = put(client, document, prefix="function", if_match='"1"', title="x" * 101)
+
+        assert response.status_code == 400
+        assert not response.has_header("ETag")
+        assert stored(document) == ("draft", 1)
+
+    def test_a_required_precondition_answers_428_without_if_match(self, client, document):
+        refused = put(client, document, prefix="function-required")
+
+        assert refused.status_code == 428
+        assert refused.json()["code"] == "precondition_required"
+        assert stored(document) == ("draft", 1)
+        assert put(client, document, prefix="function-required", if_match='"1"').status_code == 200
+
+    def test_a_delete_of_a_stale_version_answers_412_and_deletes_nothing(self, client, document):
+        Document.objects.filter(pk=document.pk).update(version=2)
+
+        assert delete(client, document, prefix="function", if_match='"1"').status_code == 412
+        assert stored(document) == ("draft", 2)
+        response = delete(client, document, prefix="function", if_match='"2"')
+        assert response.status_code == 204
+        assert not response.has_header("ETag")
+        assert not Document.objects.filter(pk=document.pk).exists()
+
+    def test_an_etag_may_carry_the_primary_key(self, client, document):
+        etag = client.get(f"/function-pk/{document.pk}/")["ETag"]
+        assert etag == f'"{document.pk}.1"'
+
+        assert put(client, document, prefix="function-pk", if_match='"1"').status_code == 412
+        response = put(client, document, prefix="function-pk", if_match=etag)
+        assert response.status_code == 200
+        assert response["ETag"] == f'"{document.pk}.2"'
+
+    def test_under_idempotent_a_412_is_not_stored_and_frees_the_key(self, client, document):
+        Document.objects.filter(pk=document.pk).update(version=2)
+
+        refused = put(client, document, prefix="function-keyed", if_match='"1"', key="edit-1")
+
+        assert refused.status_code == 412
+        assert not IdempotencyKey.objects.exists()
+        retry = put(client, document, prefix="function-keyed", if_match='"2"', key="edit-1")
+        assert retry.status_code == 200
+        assert not retry.has_header("Idempotent-Replayed")
+        assert stored(document) == ("final", 3)
+
+    def test_under_idempotent_a_428_is_not_stored(self, client, document):
+        assert put(client, document, prefix="function-keyed", key="edit-1").status_code == 428
+        assert not IdempotencyKey.objects.exists()
+
+    def test_under_idempotent_a_retry_is_replayed_without_a_second_bump(self, client, document):
+        first = put(client, document, prefix="function-keyed", if_match='"1"', key="edit-1")
+        retry = put(client, document, prefix="function-keyed", if_match='"1"', key="edit-1")
+
+        assert first.status_code == retry.status_code == 200
+        assert retry["Idempotent-Replayed"] == "true"
+        assert retry["ETag"] == first["ETag"] == '"2"'
+        assert stored(document) == ("final", 2)
+
+
+def _view(request, pk):
+    raise AssertionError("never called")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "options", "message"),
+    [
+        (
+            ("Document",),
+            {},
+            r"the first argument must be a model class or a queryset, not 'Document' \(str\)",
+        ),
+        ((Document,), {"version_field": "revision"}, r"Document has no field 'revision'"),
+        ((Document,), {"version_field": "title"}, r"Document.title must be an integer field"),
+        ((Document,), {"required": "yes"}, r"required must be True or False, not 'yes'"),
+        ((Document,), {"with_pk": 1}, r"with_pk must be True or False, not 1 \(int\)"),
+        ((Document,), {"methods": "PUT"}, r"methods must be a list or tuple"),
+        ((Document,), {"methods": ["GET"]}, r"methods must be some of PUT, PATCH and DELETE"),
+        ((Document,), {"methods": []}, r"methods must be some of PUT, PATCH and DELETE"),
+        ((Document,), {"url_kwarg": ""}, r"url_kwarg must be a non-empty string"),
+        ((Document,), {"lookup_field": None}, r"lookup_field must be a non-empty string"),
+    ],
+)
+def test_a_wrong_option_is_refused_when_the_view_is_decorated(arguments, options, message):
+    with pytest.raises(ImproperlyConfigured, match=rf"^@conditional: {message}"):
+        conditional(*arguments, **options)(_view)
+
+
+def test_an_async_view_is_refused_when_it_is_decorated():
+    async def view(request, pk):
+        raise AssertionError("never called")
+
+    with pytest.raises(
+        TypeError, match=r"cannot wrap the async view .*view: .* Make the view sync"
+    ):
+        conditional(Document)(view)
+
+
+@pytest.mark.django_db
+def test_a_url_without_the_lookup_argument_names_what_it_gives(rf, document):
+    view = conditional(Document, url_kwarg="document_id")(_view)
+
+    with pytest.raises(
+        ImproperlyConfigured, match=r"no 'document_id' argument \(it gives \['pk'\]\)"
+    ):
+        view(rf.put("/"), pk=document.pk)
+
+
+@needs_row_locks
+@pytest.mark.concurrency
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.urls("tests.conditional_views")
+def test_of_two_simultaneous_function_view_updates_of_one_version_one_is_written(monkeypatch):
+    document = Document.objects.create(title="draft")
+    # Both requests read version 1 and pass the If-Match check before either increments it.
+    barrier = threading.Barrier(2, timeout=10)
+    real = conditional_module.compare_and_set
+
+    def after_the_check(*args, **kwargs):
+        barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conditional_module, "compare_and_set", after_the_check)
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+
+    def update(title: str) -> None:
+        try:
+            response = put(Client(), document, prefix="function", if_match='"1"', title=title)
+            statuses.append(response.status_code)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=update, args=(f"writer {n}",)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert not errors
+    assert sorted(statuses) == [200, 412]
+    title, version = stored(document)
+    assert version == 2
+    assert title in ("writer 0", "writer 1")
 
 
 @needs_drf

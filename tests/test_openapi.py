@@ -511,3 +511,64 @@ def test_the_demo_schema_leaves_get_operations_alone(demo_schema):
     assert_not_documented(paths["/api/orders/"]["get"])
     assert_not_documented(paths["/api/orders/{id}/"]["get"])
     assert_not_documented(paths["/api/schema/"]["get"])
+
+
+# -- ConditionalUpdateMixin -------------------------------------------------------------------
+
+
+def _conditional_schema(prefix: str) -> dict:
+    from tests import conditional_views
+
+    patterns = [
+        pattern
+        for pattern in conditional_views.router.urls
+        if str(pattern.pattern).startswith(f"^{prefix}/")
+    ]
+    return SchemaGenerator(patterns=patterns).get_schema(request=None, public=True)
+
+
+def test_a_conditional_viewset_documents_etag_if_match_and_412():
+    paths = _conditional_schema("documents")["paths"]
+    detail = paths["/documents/{id}/"]
+
+    assert "ETag" in detail["get"]["responses"]["200"]["headers"]
+    assert "ETag" not in paths["/documents/"]["get"]["responses"]["200"].get("headers", {})
+    for method in ("put", "patch", "delete"):
+        operation = detail[method]
+        if_match = _header(operation, "If-Match")
+        assert if_match is not None, method
+        assert if_match["required"] is False
+        problem = operation["responses"]["412"]["content"]["application/problem+json"]
+        assert problem["schema"] == {"$ref": "#/components/schemas/PreconditionProblem"}
+        assert "428" not in operation["responses"]
+    assert "ETag" in detail["put"]["responses"]["200"]["headers"]
+    assert _header(paths["/documents/"]["post"], "If-Match") is None
+
+
+def test_a_required_precondition_is_a_required_header_answered_428_without_it():
+    schema = _conditional_schema("required")
+    operation = schema["paths"]["/required/{id}/"]["patch"]
+
+    assert _header(operation, "If-Match")["required"] is True
+    assert "428" in operation["responses"]
+    components = schema["components"]["schemas"]
+    code = components["PreconditionProblem"]["properties"]["code"]
+    assert code == {"$ref": "#/components/schemas/PreconditionProblemCode"}
+    assert components["PreconditionProblemCode"]["enum"] == [
+        "precondition_failed",
+        "precondition_required",
+    ]
+
+
+def test_a_keyed_conditional_viewset_documents_both_headers():
+    operation = _conditional_schema("keyed")["paths"]["/keyed/{id}/"]["put"]
+
+    assert _header(operation, "Idempotency-Key") is not None
+    assert _header(operation, "If-Match")["required"] is True
+    assert {"409", "412", "422", "428"} <= set(operation["responses"])
+
+
+def test_a_conditional_viewset_without_a_docstring_is_not_described_by_the_mixin():
+    operation = _conditional_schema("documents")["paths"]["/documents/{id}/"]["put"]
+
+    assert "If-Match" not in operation.get("description", "")
