@@ -18,6 +18,8 @@ class Order(models.Model):
     currency = models.CharField(max_length=3, default="EUR")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     created = models.DateTimeField(auto_now_add=True)
+    #: Incremented by every change (ConditionalUpdateMixin, and pay_order): the ETag.
+    version = models.PositiveIntegerField(default=1)
 
     class Meta:
         ordering = ["-created", "-pk"]

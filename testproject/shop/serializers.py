@@ -18,8 +18,8 @@ class OrderSerializer(serializers.HyperlinkedModelSerializer):
 
     class Meta:
         model = Order
-        fields = ["url", "id", "customer", "amount", "currency", "status", "created"]
-        read_only_fields = ["status", "created"]
+        fields = ["url", "id", "customer", "amount", "currency", "status", "created", "version"]
+        read_only_fields = ["status", "created", "version"]
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if self.instance is not None and self.instance.status == Order.Status.PAID:

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.views.decorators.csrf import csrf_exempt
@@ -28,17 +28,19 @@ from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from django_idempotency.decorators import idempotent
-from django_idempotency.rest_framework import IdempotentMixin
+from django_idempotency.rest_framework import ConditionalUpdateMixin, IdempotentMixin
 
 from .models import Order, Payment, WebhookEvent
 from .serializers import OrderSerializer, PaymentSerializer, PayRequestSerializer
 
 
-class OrderViewSet(IdempotentMixin, viewsets.ModelViewSet):
+class OrderViewSet(IdempotentMixin, ConditionalUpdateMixin, viewsets.ModelViewSet):
     """The caller's own orders. ``POST`` creates one, ``PATCH`` changes an unpaid one.
 
     Both are covered by ``Idempotency-Key`` (optional here): a retried ``POST`` returns the
-    order the first attempt created instead of creating a second one.
+    order the first attempt created instead of creating a second one. An order's answers
+    carry its ``ETag`` (its version); a ``PATCH`` with ``If-Match`` naming an older version
+    answers ``412`` and changes nothing, so two clients cannot overwrite each other's change.
     """
 
     serializer_class = OrderSerializer
@@ -88,7 +90,8 @@ def pay_order(request: Request, pk: int) -> Response:
         reference = charge_card(order.amount, order.currency, body.validated_data["source"])
         payment = Payment.objects.create(order=order, amount=order.amount, reference=reference)
         order.status = Order.Status.PAID
-        order.save(update_fields=["status"])
+        order.version = F("version") + 1  # a change: ETags handed out before go stale
+        order.save(update_fields=["status", "version"])
     return Response(PaymentSerializer(payment).data, status=status.HTTP_201_CREATED)
 
 

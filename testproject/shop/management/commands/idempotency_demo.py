@@ -46,7 +46,7 @@ from ...models import Order, Payment, WebhookEvent
 
 WIDTH = 92
 # Headers worth showing in the narration; the rest (security headers, Vary, ...) is noise.
-SHOWN_HEADERS = ("Content-Type", "Location", "Retry-After", "Idempotent-Replayed")
+SHOWN_HEADERS = ("Content-Type", "Location", "Retry-After", "Idempotent-Replayed", "ETag")
 # Headers a replay may legitimately differ in: set per response by the server, or the mark.
 PER_RESPONSE_HEADERS = {"date", "server", "idempotent-replayed"}
 
@@ -102,8 +102,11 @@ class Client:
         token: str | None = None,
         key: str | None = None,
         body: bytes | None = None,
+        if_match: str | None = None,
     ) -> Reply:
         headers = {"Accept": "application/json"}
+        if if_match is not None:
+            headers["If-Match"] = if_match
         if body is not None:
             headers["Content-Type"] = "application/json"
         if token is not None:
@@ -256,12 +259,15 @@ class Command(BaseCommand):
         key: str | None,
         body: bytes | None = None,
         note: str = "",
+        if_match: str | None = None,
     ) -> None:
         self.stdout.write(self.style.HTTP_INFO(f"  -> {method} {path}{note}"))
         if who is not None:
             self.stdout.write(f"     Authorization: Token {who.token[:8]}... ({who.name})")
         if key is not None:
             self.stdout.write(f"     {conf.IDEMPOTENCY_HEADER}: {key}")
+        if if_match is not None:
+            self.stdout.write(f"     If-Match: {if_match}")
         if body is not None:
             self.stdout.write(f"     {body.decode()}")
 
@@ -294,10 +300,12 @@ class Command(BaseCommand):
         who: DemoUser | None,
         key: str | None,
         body: bytes | None = None,
+        if_match: str | None = None,
     ) -> Reply:
-        self.show_request(method, path, who=who, key=key, body=body)
+        self.show_request(method, path, who=who, key=key, body=body, if_match=if_match)
+        token = None if who is None else who.token
         reply = self.client.request(
-            method, path, token=None if who is None else who.token, key=key, body=body
+            method, path, token=token, key=key, body=body, if_match=if_match
         )
         self.show_reply(reply)
         return reply
@@ -465,8 +473,40 @@ class Command(BaseCommand):
             "no payment was recorded and the order is still pending",
         )
 
+        self._conditional_update(bob_order_id)
         self._webhook(payment)
         self._key_table()
+
+    def _conditional_update(self, order_id: int) -> None:
+        bob = self.bob
+        path = f"/api/orders/{order_id}/"
+        self.heading("7. Two edits of one order: the one made from a stale copy is refused")
+        self.say(
+            "Bob opens his order on his phone and on his laptop. Each answer carries the "
+            "order's ETag, its version. He changes the amount on the phone, then, on the "
+            "laptop, which still shows the old version, changes it again. Both PATCHes send "
+            "If-Match with the ETag they read: the laptop's names a version that is gone, so "
+            "it is answered 412 and nothing is overwritten (ConditionalUpdateMixin)."
+        )
+        read = self.call("GET", path, who=bob, key=None)
+        etag = read.header("ETag")
+        self.require(read.status == 200 and etag is not None, "the order is read with its ETag")
+        phone = self.call(
+            "PATCH", path, who=bob, key=None, body=_json({"amount": "30.00"}), if_match=etag
+        )
+        self.expect(phone.status == 200, "the phone's change is written (200)")
+        self.expect(
+            phone.header("ETag") not in (None, etag), f"with a new ETag ({phone.header('ETag')})"
+        )
+        laptop = self.call(
+            "PATCH", path, who=bob, key=None, body=_json({"amount": "35.00"}), if_match=etag
+        )
+        self.expect(laptop.status == 412, "the laptop's stale change is refused (412)")
+        self.expect(laptop.code == "precondition_failed", "code precondition_failed")
+        self.expect(
+            str(Order.objects.get(pk=order_id).amount) == "30.00",
+            "the order holds the phone's amount: nothing was overwritten",
+        )
 
     def _burst(self, order_id: int) -> dict[str, Any]:
         alice = self.alice
@@ -570,7 +610,7 @@ class Command(BaseCommand):
             "data": {"reference": payment["reference"], "amount": payment["amount"]},
         }
         body = _json(event)
-        self.heading("7. An async webhook, delivered twice, is recorded once")
+        self.heading("8. An async webhook, delivered twice, is recorded once")
         self.say(
             "The payment provider reports the charge to /api/webhooks/, a plain async Django "
             "view under @idempotent, which runs in the lease mode: the key is claimed in a "
@@ -593,7 +633,7 @@ class Command(BaseCommand):
     def _key_table(self) -> None:
         usernames = {f"user:{demo.user.pk}": demo.name for demo in (self.alice, self.bob)}
         if isinstance(get_store(), DatabaseStore):
-            self.heading("8. What the IdempotencyKey table holds")
+            self.heading("9. What the IdempotencyKey table holds")
             self.say(
                 "One row per (scope, key) that ran. The refused requests (the 422, the 400) "
                 "and the duplicates stored nothing. Alice's and Bob's rows share a key but not "
@@ -616,7 +656,7 @@ class Command(BaseCommand):
             ]
             header = ("scope", "key", "method", "path", "state", "status")
         else:
-            self.heading(f"8. What the store ({conf.IDEMPOTENCY_STORE}) holds")
+            self.heading(f"9. What the store ({conf.IDEMPOTENCY_STORE}) holds")
             self.say(
                 "One record per (scope, key) that ran, looked up through the store for every "
                 "scope and key this run used. The refused requests and the duplicates stored "
