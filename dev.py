@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 REQUIREMENTS = ROOT / "requirements"
 # Editable install with the extras: the demo and the full suite exercise DRF, django-redis and
-# drf-spectacular; the demo's agent client retries with the package's httpx client.
-PACKAGE = f"{ROOT}[drf,redis,openapi,client]"
+# drf-spectacular; the demo's agent client retries with the package's httpx client, and
+# encrypts stored responses (cryptography) when IDEMPOTENCY_ENCRYPTION_KEY is set.
+PACKAGE = f"{ROOT}[drf,redis,openapi,client,encryption]"
 # Names the env var that tells the suite (and this script) that every service must be there.
 REQUIRE_SERVICES = "IDEMPOTENCY_REQUIRE_SERVICES"
 MINIMUM_PYTHON = (3, 10)

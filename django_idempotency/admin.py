@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -31,13 +32,16 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from django_idempotency.conf import conf
+from django_idempotency.encryption import Unreadable, open_response
 from django_idempotency.models import (
     DeadLetter,
     DeadLetterAlreadyRedriven,
     DeadLetterQuerySet,
     IdempotencyKey,
     IdempotencyKeyQuerySet,
+    OutboxEvent,
 )
+from django_idempotency.records import StoredResponse
 
 logger = logging.getLogger("django_idempotency")
 
@@ -473,7 +477,10 @@ class IdempotencyKeyAdmin(ReadOnlyAdmin):
 
     @admin.display(description=_("response headers"))
     def headers_table(self, obj: IdempotencyKey) -> SafeString | str:
-        headers = obj.response_headers or []
+        stored = readable_response(obj)
+        if stored is None:
+            return str(CANNOT_DECRYPT)
+        headers = stored.headers
         if not headers:
             return str(_("None stored."))
         rows = format_html_join(
@@ -489,7 +496,7 @@ class IdempotencyKeyAdmin(ReadOnlyAdmin):
         points = obj.recovery_points or []
         if not points:
             return str(_("None: the request committed no phase."))
-        return ", ".join(str(name) for name, _result in points)
+        return ", ".join(str(point[0]) for point in points)
 
     @admin.display(description=_("recovery points"))
     def phases_table(self, obj: IdempotencyKey) -> SafeString | str:
@@ -500,7 +507,7 @@ class IdempotencyKeyAdmin(ReadOnlyAdmin):
         rows = format_html_join(
             "",
             "<tr><th>{}</th><td><code>{}</code></td></tr>",
-            ((name, json.dumps(result, ensure_ascii=False)) for name, result in points),
+            ((point[0], json.dumps(point[1], ensure_ascii=False)) for point in points),
         )
         return format_html("<table>{}</table>", rows)
 
@@ -683,6 +690,98 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             )
 
 
+#: What the page shows of a response that no key in IDEMPOTENCY_ENCRYPTION_KEYS decrypts.
+CANNOT_DECRYPT = _("Encrypted: no key in IDEMPOTENCY_ENCRYPTION_KEYS can decrypt it.")
+
+
+def readable_response(obj: IdempotencyKey) -> StoredResponse | None:
+    """A key's stored headers and body as stored, decrypted when they were encrypted;
+    ``None`` when no configured key can decrypt them (the page never shows ciphertext)."""
+    stored = StoredResponse(
+        status=obj.response_status or 0,
+        headers=[(name, value) for name, value in obj.response_headers or []],
+        body=None if obj.response_body is None else bytes(obj.response_body),
+    )
+    try:
+        return open_response(stored, scope=obj.scope, key=obj.key)
+    except Unreadable:
+        return None
+
+
+class OutboxStateFilter(admin.SimpleListFilter):
+    title = _("state")
+    parameter_name = "outbox_state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [
+            ("pending", _("pending")),
+            ("failing", _("pending, last attempt failed")),
+            ("published", _("published")),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        if self.value() == "pending":
+            return queryset.pending()
+        if self.value() == "failing":
+            return queryset.failing()
+        if self.value() == "published":
+            return queryset.published()
+        return queryset
+
+
+@admin.register(OutboxEvent)
+class OutboxEventAdmin(ReadOnlyAdmin):
+    """Look at the transactional outbox: what is pending, what failed and why, what went.
+
+    Nothing can be added, edited or deleted: the relay publishes events, and
+    ``OutboxEvent.objects.purge_published()`` (or the relay's ``--purge-older-than``) deletes
+    them.
+    """
+
+    list_display = ("topic", "message_id", "state", "attempts", "created_at", "published_at")
+    list_display_links = ("message_id",)
+    list_filter = (OutboxStateFilter,)
+    sortable_by = ()
+    # Newest first along the primary key: no other index is needed for the list.
+    ordering = ("-pk",)
+    search_fields = ("topic", "message_id")
+    search_help_text = _("A topic or a message id, exactly as stored.")
+    show_facets = admin.ShowFacets.NEVER
+    list_per_page = 50
+    fields = (
+        "topic",
+        "message_id",
+        "payload",
+        "headers",
+        "created_at",
+        "available_at",
+        "attempts",
+        "last_error",
+        "published_at",
+    )
+    readonly_fields = fields
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: Any, search_term: str
+    ) -> tuple[Any, bool]:
+        """One term, matched exactly against the topic, or the message id when it is one."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        condition = Q(topic=term)
+        with contextlib.suppress(ValueError):
+            condition |= Q(message_id=uuid.UUID(term))
+        return queryset.filter(condition), False
+
+    @admin.display(description=_("state"))
+    def state(self, obj: OutboxEvent) -> str:
+        if obj.published_at is not None:
+            return str(_("published"))
+        if obj.last_error:
+            return str(_("failing: %(error)s")) % {"error": Truncator(obj.last_error).chars(60)}
+        return str(_("pending"))
+
+
 def render_body(obj: IdempotencyKey) -> SafeString | str:
     """A stored body for people: JSON pretty-printed, text escaped and cut, binary as a size."""
     if obj.state != IdempotencyKey.State.COMPLETED:
@@ -691,14 +790,18 @@ def render_body(obj: IdempotencyKey) -> SafeString | str:
         return str(
             _(
                 "Not stored: the response was streamed, or larger than "
-                "IDEMPOTENCY_MAX_RESPONSE_SIZE. Retries get a problem response saying so."
+                "IDEMPOTENCY_MAX_RESPONSE_SIZE (or IDEMPOTENCY_REDACT removed it). Retries get "
+                "a problem response saying so."
             )
         )
-    body = bytes(obj.response_body)
+    stored = readable_response(obj)
+    if stored is None:
+        return str(CANNOT_DECRYPT)
+    body = stored.body or b""
     if not body:
         return str(_("Empty."))
     content_type = next(
-        (value for name, value in obj.response_headers if name.lower() == "content-type"), ""
+        (value for name, value in stored.headers if name.lower() == "content-type"), ""
     )
     media_type, params = parse_header_parameters(content_type)
     text = _decode(body, params.get("charset", "utf-8"))

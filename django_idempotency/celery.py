@@ -16,7 +16,7 @@ from functools import wraps
 from typing import Any, TypeVar, overload
 
 from asgiref.sync import iscoroutinefunction
-from celery import Task
+from celery import Task, current_app, shared_task
 from celery._state import get_current_task
 from celery.exceptions import Retry
 from django.db import DatabaseError
@@ -25,9 +25,10 @@ from django_idempotency.adapters import option_error
 from django_idempotency.conf import InvalidValue, describe
 from django_idempotency.exceptions import IdempotencyKeyInProgress
 from django_idempotency.functions import CallOptions, IdempotentCall, Serializer, describe_arguments
-from django_idempotency.models import DeadLetter
+from django_idempotency.models import DeadLetter, OutboxEvent
+from django_idempotency.outbox import relay
 
-__all__ = ["idempotent_task"]
+__all__ = ["idempotent_task", "publish_task", "relay_outbox"]
 
 Func = TypeVar("Func", bound=Callable[..., Any])
 
@@ -244,3 +245,36 @@ def _defer(task: Any, exc: IdempotencyKeyInProgress) -> Retry:
     signature = task.signature_from_request(countdown=countdown)
     signature.apply_async()
     return Retry(exc=exc, when=countdown, sig=signature)
+
+
+# -- The transactional outbox (docs/outbox.md) -------------------------------------------------
+
+
+def publish_task(event: OutboxEvent) -> None:
+    """An outbox publisher: send the Celery task named by the event's topic.
+
+    The payload is the task's one argument and the event's message id its task id, so every
+    publication of one event carries the same task id, and an :func:`idempotent_task` keyed
+    by the task id (its default) has its effect once. The event's headers become the
+    message's headers. The task is sent through the current Celery app: by name when this
+    process does not know the task, else through it (with its routing and options).
+    """
+    task = current_app.tasks.get(event.topic)
+    options: dict[str, Any] = {"task_id": str(event.message_id)}
+    if event.headers:
+        options["headers"] = dict(event.headers)
+    if task is None:
+        current_app.send_task(event.topic, (event.payload,), **options)
+    else:
+        task.apply_async((event.payload,), **options)
+
+
+@shared_task(name="django_idempotency.celery.relay_outbox", ignore_result=True)  # type: ignore[untyped-decorator]
+def relay_outbox(batch_size: int | None = None, max_batches: int = 100) -> dict[str, int]:
+    """Publish the due outbox events: for a Celery beat schedule, every few seconds.
+
+    Runs batches of ``batch_size`` (default ``IDEMPOTENCY_OUTBOX_BATCH_SIZE``) until one
+    comes back short, at most ``max_batches``. Two runs at once take different events.
+    """
+    result = relay(batch_size=batch_size, max_batches=max_batches)
+    return {"published": result.published, "failed": result.failed}

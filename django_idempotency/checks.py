@@ -39,6 +39,7 @@ from django_idempotency.conf import (
     validate_methods,
     validate_statuses,
 )
+from django_idempotency.encryption import cryptography_installed, validate_keys, validate_redact
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import CacheStore
 
@@ -101,6 +102,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
             messages.append(_error(written, exc.problem, check_id, exc.hint))
     messages += _check_safe_methods()
     messages += _check_stored_statuses()
+    messages += _check_encryption_library()
     return messages
 
 
@@ -190,6 +192,24 @@ def _flag(value: object, assign: str) -> object:
     return validate_bool(value)
 
 
+def _validate_publishers(value: object, assign: str) -> None:
+    """A dict of outbox topics (``"*"`` for every other topic) to publishers' dotted paths."""
+    hint = 'For example {"orders.created": "django_idempotency.celery.publish_task"}.'
+    if not isinstance(value, dict) or not all(
+        isinstance(topic, str) and 0 < len(topic) <= 255 for topic in value
+    ):
+        raise InvalidValue(
+            f"must be a dict of outbox topics (1 to 255 characters) to dotted paths of "
+            f"publishers, not {describe(value)}.",
+            hint=hint,
+        )
+    for topic, path in value.items():
+        try:
+            _validate_callable(path, assign)
+        except InvalidValue as exc:
+            raise InvalidValue(f"[{topic!r}] {exc.problem}", hint=hint) from None
+
+
 #: Each setting's check id and validator (which raises ``InvalidValue``). Ids are stable; the
 #: cache settings are checked by check_store_cache and check_replay_cache, with their caches.
 _VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
@@ -215,6 +235,13 @@ _VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
         "django_idempotency.E020",
         lambda value, assign: validate_statuses(value),
     ),
+    "IDEMPOTENCY_ENCRYPTION_KEYS": (
+        "django_idempotency.E022",
+        lambda value, assign: validate_keys(value),
+    ),
+    "IDEMPOTENCY_REDACT": ("django_idempotency.E024", lambda value, assign: validate_redact(value)),
+    "IDEMPOTENCY_OUTBOX_PUBLISHERS": ("django_idempotency.E030", _validate_publishers),
+    "IDEMPOTENCY_OUTBOX_BATCH_SIZE": ("django_idempotency.E031", _integer(1)),
 }
 
 
@@ -233,6 +260,20 @@ def _check_stored_statuses() -> CheckMessages:
             "django_idempotency.E021",
             hint='Remove IDEMPOTENCY_STORE_SERVER_ERRORS, and add "5xx" to '
             "IDEMPOTENCY_STORED_STATUSES to store server errors.",
+        )
+    ]
+
+
+def _check_encryption_library() -> CheckMessages:
+    """E023: keys are set, but the library that uses them is not installed."""
+    if not raw("IDEMPOTENCY_ENCRYPTION_KEYS") or cryptography_installed():
+        return []
+    return [
+        _error(
+            "IDEMPOTENCY_ENCRYPTION_KEYS",
+            "is set, but the cryptography library that encrypts with its keys is not installed.",
+            "django_idempotency.E023",
+            hint="pip install django-idempotency[encryption]",
         )
     ]
 

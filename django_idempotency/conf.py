@@ -154,6 +154,10 @@ DEFAULTS: dict[str, Any] = {
     "IDEMPOTENCY_SERIALIZER": DEFAULT_SERIALIZER,
     "IDEMPOTENCY_PURGE_BATCH_SIZE": 1000,
     "IDEMPOTENCY_MIDDLEWARE_PATHS": (),
+    "IDEMPOTENCY_ENCRYPTION_KEYS": (),
+    "IDEMPOTENCY_REDACT": None,
+    "IDEMPOTENCY_OUTBOX_PUBLISHERS": {},
+    "IDEMPOTENCY_OUTBOX_BATCH_SIZE": 100,
 }
 
 #: Settings that were renamed: old name -> new name. The old name is still read when the new
@@ -165,6 +169,7 @@ RENAMED: dict[str, str] = {"IDEMPOTENCY_LOCK_TTL": "IDEMPOTENCY_LEASE"}
 _NORMALIZE: dict[str, Callable[[Any], Any]] = {
     "IDEMPOTENCY_METHODS": lambda methods: frozenset(method.upper() for method in methods),
     "IDEMPOTENCY_MIDDLEWARE_PATHS": tuple,
+    "IDEMPOTENCY_ENCRYPTION_KEYS": tuple,
     "IDEMPOTENCY_STORED_STATUSES": lambda statuses: (
         None
         if statuses is None
@@ -283,6 +288,22 @@ class Settings:
     @property
     def IDEMPOTENCY_MIDDLEWARE_PATHS(self) -> tuple[str, ...]:
         return self.read("IDEMPOTENCY_MIDDLEWARE_PATHS")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_ENCRYPTION_KEYS(self) -> tuple[str | bytes, ...]:
+        return self.read("IDEMPOTENCY_ENCRYPTION_KEYS")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_REDACT(self) -> str | None:
+        return self.read("IDEMPOTENCY_REDACT")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_OUTBOX_PUBLISHERS(self) -> dict[str, str]:
+        return self.read("IDEMPOTENCY_OUTBOX_PUBLISHERS")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_OUTBOX_BATCH_SIZE(self) -> int:
+        return self.read("IDEMPOTENCY_OUTBOX_BATCH_SIZE")  # type: ignore[no-any-return]
 
 
 conf = Settings()

@@ -239,11 +239,26 @@ class IdempotentCall:
         with self:
             return self.result if self.replayed else self.save(work())
 
-    def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
+    def phase(
+        self,
+        name: str,
+        function: Callable[[], Any],
+        *,
+        atomic: bool = True,
+        compensate: str | None = None,
+    ) -> Any:
         """Run one named phase of the work once for this key; see :meth:`lifecycle.Run.phase`."""
         if self.replayed:
             raise RuntimeError(f"This call was replayed: its phase {name!r} must not run.")
-        return self._run.phase(name, function, atomic=atomic)
+        return self._run.phase(name, function, atomic=atomic, compensate=compensate)
+
+    def compensate(self) -> list[str]:
+        """Undo the committed phases; see :meth:`lifecycle.Run.compensate`. A block that
+        raises after it finishes its key without a result: later calls get
+        :class:`IdempotencyResponseNotStored`."""
+        if self.replayed:
+            raise RuntimeError("This call was replayed: there is nothing to compensate.")
+        return self._run.compensate()
 
     def foreign_key(self, name: str) -> str:
         """The key for the call ``name`` to another service; see ``lifecycle.Run.foreign_key``."""

@@ -19,7 +19,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.db import router, transaction
 
-from django_idempotency import signals
+from django_idempotency import encryption, signals
 from django_idempotency.checks import ensure_valid_settings
 from django_idempotency.conf import conf, get_store
 from django_idempotency.exceptions import (
@@ -30,7 +30,7 @@ from django_idempotency.exceptions import (
 )
 from django_idempotency.heartbeat import Heartbeat
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.phases import Phases
+from django_idempotency.phases import Phases, compensation_started
 from django_idempotency.records import ClaimRequest, Record, StoredResponse
 from django_idempotency.stores import KeyLocked, KeyVanished, PhasedStore, Store
 
@@ -178,10 +178,17 @@ class Run:
             _signal("key_mismatch", store, context, claim)
             raise
         if isinstance(found, Record):
+            found = encryption.opened(found, claim)  # 503 if it cannot be decrypted
             self._to(State.REPLAYED)
             assert found.response is not None
             _signal("response_replayed", store, context, claim, status=found.response.status)
             return found
+        if compensation_started(found.record.recovery_points):
+            # Its work is being undone (`idempotency_abandoned --compensate` resumes that): a
+            # retry must not resume the work, so it waits, as for a live request.
+            _give_back(store, claim, found)
+            _signal("key_in_progress", store, context, claim)
+            raise IdempotencyKeyInProgress(retry_after=1)
         self._claim, self._store, self._transaction = claim, store, found.transaction
         self._phases.resume(found.record.recovery_points)
         if not atomic:
@@ -258,7 +265,10 @@ class Run:
             open_transaction.end(rollback=failed)
         claim, store = cast(ClaimRequest, self._claim), cast(Store, self._store)
         if failed:
-            _free(store, claim, keep_phases=bool(self._phases.points) and not atomic)
+            if self._phases.compensated:
+                _close_compensated(store, claim)
+            else:
+                _free(store, claim, keep_phases=bool(self._phases.points) and not atomic)
         elif self._stored is not None:
             # Sent once committed: in the atomic mode, with the work's writes.
             stored = self._stored
@@ -276,6 +286,7 @@ class Run:
         claim, store = cast(ClaimRequest, self._claim), cast(Store, self._store)
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        stored = encryption.for_storage(stored, claim, self._context)  # redacted, sealed
         if store.complete(claim, stored):
             self._stored = stored
             self.replayable = stored.body is not None
@@ -290,7 +301,14 @@ class Run:
 
     # Phases.
 
-    def phase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
+    def phase(
+        self,
+        name: str,
+        function: Callable[[], Any],
+        *,
+        atomic: bool = True,
+        compensate: str | None = None,
+    ) -> Any:
         """Run ``function`` once for this key, across retries, and return its result.
 
         A phase that an earlier, abandoned attempt at this key committed is not run again:
@@ -306,17 +324,66 @@ class Run:
         phase sees the same value either way. Recovery points need the lease mode
         (``atomic=False`` on the view or function) and a store that keeps them
         (``DatabaseStore``). Sync only: an async view awaits :meth:`aphase`.
+
+        ``compensate`` names the compensation that undoes the phase (registered with
+        ``django_idempotency.phases.compensation``; an unknown name raises ``LookupError``
+        before the phase runs): :meth:`compensate`, or ``idempotency_abandoned
+        --compensate`` for a request abandoned mid-way, runs it with the phase's result.
         """
         if self.state not in _WORKING:
             raise RuntimeError(
                 f"The phase {name!r} comes after its request or call has finished (its result "
                 "is saved, or it was replayed): there is nothing left to protect it."
             )
-        return self._phases.run(name, function, atomic=atomic, claim=self._claim, store=self._store)
+        return self._phases.run(
+            name,
+            function,
+            atomic=atomic,
+            compensate=compensate,
+            claim=self._claim,
+            store=self._store,
+        )
 
-    async def aphase(self, name: str, function: Callable[[], Any], *, atomic: bool = True) -> Any:
+    async def aphase(
+        self,
+        name: str,
+        function: Callable[[], Any],
+        *,
+        atomic: bool = True,
+        compensate: str | None = None,
+    ) -> Any:
         """:meth:`phase` for async views: ``function`` (sync) runs in the request's thread."""
-        return await sync_to_async(self.phase)(name, function, atomic=atomic)
+        return await sync_to_async(self.phase)(name, function, atomic=atomic, compensate=compensate)
+
+    def compensate(self) -> list[str]:
+        """Undo the committed phases: run their compensations, last phase first, each once.
+
+        Each compensation runs in a transaction that also records it on the key, and gets
+        the phase's result and its own derived key. Returns the names of those run now. After
+        it, no phase may run, and the key is finished either way: a response the work then
+        returns is stored as usual; if the work raises (or its response is not stored), the
+        key is finished without a response, and retries get ``409
+        idempotency_response_not_stored`` (original status 500). A compensation that raises
+        stops there: the key keeps its recovery points, with the rest pending, for
+        ``idempotency_abandoned --compensate`` to finish; once one has run, retries get
+        ``409 idempotency_key_in_progress`` rather than resume the work.
+        Lease mode only (``atomic=False``): the atomic mode rolls its phases back instead.
+        """
+        if self._transaction is not None:
+            raise RuntimeError(
+                "compensate() needs the lease mode (atomic=False): in the atomic mode a failure "
+                "rolls the phases back with the work's transaction."
+            )
+        if self.state not in _WORKING:
+            raise RuntimeError(
+                "compensate() comes after its request or call has finished: nothing is left "
+                "to protect it."
+            )
+        return self._phases.compensate(self._claim, self._store)
+
+    async def acompensate(self) -> list[str]:
+        """:meth:`compensate` for async views, in the request's thread."""
+        return await sync_to_async(self.compensate)()
 
     def foreign_key(self, name: str) -> str:
         """The idempotency key for the call ``name`` to another service, derived from this key.
@@ -471,6 +538,26 @@ def _free(store: Store, claim: ClaimRequest, *, keep_phases: bool) -> None:
         # The claim stays until a retry takes it over (atomic mode: at once, as its lock is
         # free; lease mode: once its lease has passed).
         logger.exception("Could not release idempotency key %r.", claim.key)
+
+
+def _give_back(store: Store, claim: ClaimRequest, found: _Owned) -> None:
+    """Undo a claim that took over a key whose compensation has begun, leaving it as it was."""
+    if found.transaction is not None:
+        found.transaction.end(rollback=True)  # the takeover rolls back with it
+        return
+    try:
+        cast(PhasedStore, store).end_lease(claim)
+    except (IdempotencyStoreUnavailable, KeyLocked):
+        logger.exception("Could not end the lease of idempotency key %r.", claim.key)
+
+
+def _close_compensated(store: Store, claim: ClaimRequest) -> None:
+    """Finish a failed run's key whose work was compensated: no retry may run it again."""
+    try:
+        store.complete(claim, StoredResponse(status=500, headers=[], body=None))
+    except IdempotencyStoreUnavailable:
+        # Left to its lease; a retry then finds its compensations done, and waits (409).
+        logger.exception("Could not finish the compensated idempotency key %r.", claim.key)
 
 
 # -- Policy and signals ---------------------------------------------------------------------

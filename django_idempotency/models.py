@@ -1,8 +1,10 @@
-"""The ``IdempotencyKey`` model: one row per (scope, key), holding the stored response; and
-``DeadLetter``, the Celery deliveries that failed past their retries."""
+"""The ``IdempotencyKey`` model: one row per (scope, key), holding the stored response;
+``DeadLetter``, the Celery deliveries that failed past their retries; and ``OutboxEvent``, the
+transactional outbox."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -606,3 +608,105 @@ class DeadLetter(models.Model):
             celery_app.send_task(self.task_name, args, kwargs, task_id=self.task_id)
         else:
             task.apply_async(args, kwargs, task_id=self.task_id)
+
+
+class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
+    """Outbox events: written with the writes they announce, published by the relay."""
+
+    def pending(self) -> OutboxEventQuerySet:
+        """Events not published yet, failing ones included."""
+        return self.filter(published_at__isnull=True)
+
+    def due(self) -> OutboxEventQuerySet:
+        """Pending events whose next attempt is due, compared on the database clock."""
+        return self.pending().filter(available_at__lte=Now())
+
+    def failing(self) -> OutboxEventQuerySet:
+        """Pending events whose last attempt to publish them failed."""
+        return self.pending().exclude(last_error="")
+
+    def published(self) -> OutboxEventQuerySet:
+        return self.filter(published_at__isnull=False)
+
+    def purge_published(
+        self,
+        *,
+        older_than: timedelta,
+        batch_size: int | None = None,
+        using: str | None = None,
+    ) -> int:
+        """Delete events published at least ``older_than`` ago, in batches; return the count.
+
+        Pending events are never deleted. Each batch (``batch_size`` rows, default
+        ``IDEMPOTENCY_PURGE_BATCH_SIZE``) is one short transaction. Raises ``ValueError`` for
+        a negative ``older_than`` or a batch size below 1.
+        """
+        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+            raise ValueError(f"older_than must be a timedelta of zero or more, not {older_than!r}.")
+        size = _batch_size(batch_size)
+        pinned: str | None = self._db  # type: ignore[attr-defined]
+        alias = using or pinned or router.db_for_write(self.model)
+        old = self.using(alias).filter(published_at__lte=Now() - older_than)
+        skip_locked = connections[alias].features.has_select_for_update_skip_locked
+        deleted = 0
+        while True:
+            with transaction.atomic(using=alias):
+                batch = old.order_by("published_at", "available_at", "pk")  # the index
+                if skip_locked:
+                    batch = batch.select_for_update(skip_locked=True)
+                pks = list(batch.values_list("pk", flat=True)[:size])
+                if pks:
+                    deleted += self.model._base_manager.using(alias).filter(pk__in=pks).delete()[0]
+            if len(pks) < size:
+                return deleted
+
+
+class OutboxEvent(models.Model):
+    """An event written in the transaction of the writes it announces, until it is published.
+
+    The relay (``manage.py idempotency_outbox_relay``) publishes it at least once, always with
+    its ``message_id``, so that an idempotent consumer has its effect once.
+    """
+
+    message_id = models.UUIDField(
+        _("message id"),
+        default=uuid.uuid4,
+        editable=False,
+        help_text=_("The same on every publication of the event: consumers deduplicate on it."),
+    )
+    topic = models.CharField(_("topic"), max_length=255)
+    payload = models.JSONField(_("payload"), encoder=DjangoJSONEncoder)
+    headers = models.JSONField(_("headers"), default=dict, blank=True)
+    created_at = models.DateTimeField(_("created at"), db_default=Now())
+    available_at = models.DateTimeField(
+        _("next attempt at"),
+        db_default=Now(),
+        help_text=_("The relay leaves the event alone until then (after a failed attempt)."),
+    )
+    attempts = models.PositiveIntegerField(
+        _("attempts"),
+        default=0,
+        help_text=_("Attempts to publish the event that ended, published or failed."),
+    )
+    last_error = models.TextField(_("last error"), blank=True)
+    published_at = models.DateTimeField(_("published at"), null=True, blank=True)
+
+    objects = OutboxEventQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("outbox event")
+        verbose_name_plural = _("outbox events")
+        constraints = [
+            models.UniqueConstraint(fields=["message_id"], name="idempotency_outbox_message_uniq"),
+        ]
+        indexes = [
+            # The relay's pending events, due first (published_at IS NULL, then the due
+            # ones in order), and the purge of old published events (a range of
+            # published_at).
+            models.Index(
+                fields=["published_at", "available_at", "id"], name="idempotency_outbox_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.topic} {self.message_id}"

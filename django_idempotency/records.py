@@ -52,9 +52,10 @@ class Record:
     expires_in: float | None = None
     #: Seconds left on an unfinished lease-mode request's lease; ``None`` when it has none.
     lease_remaining: float | None = None
-    #: The phases its request committed, in order, as ``(name, result)`` pairs. Only the
+    #: The phases its request committed, in order, as ``(name, result)`` pairs (or triples,
+    #: ``(name, result, compensation)``, for phases with a compensation). Only the
     #: owner's record carries them: the one a claim returns, kept from an abandoned claim.
-    recovery_points: tuple[tuple[str, Any], ...] = ()
+    recovery_points: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def completed(self) -> bool:

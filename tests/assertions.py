@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+
+#: Set by scripts/pgbouncer.sh's test run: the suite's PostgreSQL connections go through
+#: PgBouncer in transaction pooling mode, so the server sessions are not the clients' own.
+BEHIND_PGBOUNCER = os.environ.get("IDEMPOTENCY_TEST_PGBOUNCER") == "1"
 
 
 def assert_problem(response, status: int, code: str) -> dict:

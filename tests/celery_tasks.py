@@ -98,6 +98,14 @@ def retried_for_ever(event: dict[str, Any]) -> dict[str, Any]:
     return _effect(event["id"], 1, 0.0)
 
 
+@app.task(bind=True)
+@idempotent_task
+def outbox_consumer(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """The consumer of outbox events (``tests/test_outbox*.py``): the relay publishes each
+    event with its message id as the task id, the key here."""
+    return _effect(payload["note"], payload["amount"], 0.0)
+
+
 def _record(**event: Any) -> None:
     if path := os.environ.get("CELERY_TEST_EVENTS"):
         # One short write with O_APPEND: lines of concurrent processes never interleave.

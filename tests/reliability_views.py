@@ -197,6 +197,73 @@ async def phased_async(request):
     return JsonResponse({**body, "resumed_after": run.resumed_after}, status=201)
 
 
+def _compensated(request) -> JsonResponse:
+    """Checkout whose phases declare compensations (``tests/compensations.py``).
+
+    An order (atomic, undone by ``tests-cancel-order``), a provider's charge (undone by
+    ``tests-refund-charge``), a receipt (none). ``X-Fail: after-order`` or ``after-payment``
+    raises there (a hold file holds the view there instead); ``?decline=1`` compensates after
+    the payment and answers 402; ``X-Fail: compensate-then-raise`` compensates, then raises.
+    """
+    run = request.idempotency
+    note = request.GET.get("note", "")
+    fail = request.headers.get("X-Fail", "")
+
+    def stop(where: str) -> None:
+        _hold(note, where)
+        if fail == where:
+            raise SimulatedFailure(where)
+
+    order = run.phase(
+        "order",
+        lambda: Charge.objects.create(amount=7, note=f"{note}:order").pk,
+        compensate="tests-cancel-order",
+    )
+    stop("after-order")
+    payment = run.phase(
+        "payment",
+        lambda: provider_charge(run.foreign_key("payment"), 7),
+        atomic=False,
+        compensate="tests-refund-charge",
+    )
+    stop("after-payment")
+    if request.GET.get("decline") or fail == "compensate-then-raise":
+        undone = run.compensate()
+        if fail:
+            raise SimulatedFailure(fail)
+        return JsonResponse({"declined": True, "compensated": undone}, status=402)
+    receipt = run.phase(
+        "receipt", lambda: Charge.objects.create(amount=0, note=f"{note}:receipt").pk
+    )
+    body = {"order": order, "payment": payment, "receipt": receipt}
+    return JsonResponse({**body, "resumed_after": run.resumed_after}, status=201)
+
+
+@idempotent(atomic=False)
+def compensated_lease(request):
+    return _compensated(request)
+
+
+@idempotent
+async def compensated_async(request):
+    """The same, async: ``aphase`` and ``acompensate``."""
+    run = request.idempotency
+    note = request.GET.get("note", "")
+    await run.aphase(
+        "order",
+        lambda: Charge.objects.create(amount=7, note=f"{note}:order").pk,
+        compensate="tests-cancel-order",
+    )
+    await run.aphase(
+        "payment",
+        lambda: provider_charge(run.foreign_key("payment"), 7),
+        atomic=False,
+        compensate="tests-refund-charge",
+    )
+    undone = await run.acompensate()
+    return JsonResponse({"declined": True, "compensated": undone}, status=402)
+
+
 def served_by(get_response):
     """Every answer names the worker process that gave it (never stored, never replayed)."""
 
@@ -221,6 +288,8 @@ urlpatterns = [
     path("phased/atomic/", phased_atomic),
     path("phased/optional/", phased_optional),
     path("phased/async/", phased_async),
+    path("compensated/", compensated_lease),
+    path("compensated/async/", compensated_async),
 ]
 
 if find_spec("rest_framework"):

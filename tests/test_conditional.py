@@ -20,8 +20,8 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from django_idempotency import exceptions
 from django_idempotency import conditional as conditional_module
+from django_idempotency import exceptions
 from django_idempotency.conditional import (
     IfMatch,
     compare_and_set,

@@ -54,6 +54,15 @@ SETTINGS = [
     ("IDEMPOTENCY_STORE_CACHE", "default", "idempotency", "idempotency"),
     ("IDEMPOTENCY_FAIL_OPEN", False, True, True),
     ("IDEMPOTENCY_MIDDLEWARE_PATHS", (), [r"^/api/"], (r"^/api/",)),
+    ("IDEMPOTENCY_ENCRYPTION_KEYS", (), ["a" * 43 + "="], ("a" * 43 + "=",)),
+    ("IDEMPOTENCY_REDACT", None, "tests.test_encryption.redact", "tests.test_encryption.redact"),
+    (
+        "IDEMPOTENCY_OUTBOX_PUBLISHERS",
+        {},
+        {"*": "tests.outbox_publishers.record"},
+        {"*": "tests.outbox_publishers.record"},
+    ),
+    ("IDEMPOTENCY_OUTBOX_BATCH_SIZE", 100, 20, 20),
     (
         "IDEMPOTENCY_SERIALIZER",
         "django_idempotency.functions.JSONSerializer",

@@ -33,6 +33,7 @@ import pytest
 from django.db import connection
 
 from django_idempotency.models import IdempotencyKey
+from tests.assertions import BEHIND_PGBOUNCER
 from tests.models import Charge
 from tests.redis_support import Answer, assert_fresh_run, assert_replay_of
 from tests.reliability_support import (
@@ -89,6 +90,15 @@ def server(tmp_path_factory, django_db_setup) -> Iterator[Server]:
         server.stop()
 
 
+#: Behind PgBouncer in transaction pooling, a lease-mode request holds a server session only
+#: for each of its short transactions: between them there is no session of its own to
+#: terminate. (The atomic mode holds one for the whole view, and is tested there too.)
+NEEDS_OWN_SESSION = pytest.mark.skipif(
+    BEHIND_PGBOUNCER,
+    reason="behind PgBouncer a lease-mode request has no server session of its own to kill",
+)
+
+
 def terminate_the_other_connections() -> int:
     """Terminate every other session on the test database: the held worker's, here."""
     with connection.cursor() as cursor:
@@ -119,7 +129,13 @@ def terminate_mid_request(server: Server, url: str, note: str, key: str, where: 
     )
     client.start()
     server.wait_inside(note)
-    assert terminate_the_other_connections() == 1
+    terminated = terminate_the_other_connections()
+    if BEHIND_PGBOUNCER:
+        # PgBouncer's idle server connections to the database are terminated too (it opens
+        # new ones): the held worker's is one of them.
+        assert terminated >= 1
+    else:
+        assert terminated == 1
     server.release(note)
     client.join(40)
     assert not client.is_alive()
@@ -136,7 +152,7 @@ def terminate_mid_request(server: Server, url: str, note: str, key: str, where: 
         pytest.param("atomic", "before", 500, id="atomic-before-effect"),
         pytest.param("atomic", "after", 503, id="atomic-after-effect"),
         # The view's own write fails: 500, and the claim stays until its lease passes.
-        pytest.param("lease", "before", 500, id="lease-before-effect"),
+        pytest.param("lease", "before", 500, id="lease-before-effect", marks=NEEDS_OWN_SESSION),
     ],
 )
 def test_connection_terminated_mid_request_leaves_one_effect_and_whole_rows(
@@ -160,6 +176,7 @@ def test_connection_terminated_mid_request_leaves_one_effect_and_whole_rows(
     assert_replay_of(server.post(url, key), final)
 
 
+@NEEDS_OWN_SESSION
 @row_locks
 @pytest.mark.django_db(transaction=True)
 def test_lease_mode_connection_lost_after_the_effect_is_the_documented_rerun(server):

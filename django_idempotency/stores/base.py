@@ -93,7 +93,7 @@ class PhasedStore(Store, Protocol):
         """The database whose transactions commit a phase's writes with its recovery point."""
 
     def save_recovery_points(
-        self, claim: ClaimRequest, points: tuple[tuple[str, Any], ...]
+        self, claim: ClaimRequest, points: tuple[tuple[Any, ...], ...]
     ) -> bool:
         """Replace the caller's recovery points; ``False`` once the caller no longer owns the key.
 
@@ -130,7 +130,7 @@ def may_take_over(record: Record, claim: ClaimRequest) -> bool:
     return record.fingerprint == claim.fingerprint
 
 
-def owned_record(claim: ClaimRequest, points: tuple[tuple[str, Any], ...] = ()) -> Record:
+def owned_record(claim: ClaimRequest, points: tuple[tuple[Any, ...], ...] = ()) -> Record:
     """The record of a key ``claim`` has just claimed, with the recovery points it kept."""
     return Record(
         fingerprint=claim.fingerprint,

@@ -35,7 +35,9 @@ from django_idempotency.records import COMPLETED, IN_PROGRESS, ClaimRequest, Rec
 #: where there is some (PostgreSQL, MariaDB/MySQL) and the ORM elsewhere; ``"orm"``, the ORM.
 StatementsKind = Literal["auto", "orm"]
 
-RecoveryPoints = tuple[tuple[str, Any], ...]
+#: Each committed phase as ``(name, result)``, or ``(name, result, compensation)`` (see
+#: ``django_idempotency.phases.Point``).
+RecoveryPoints = tuple[tuple[Any, ...], ...]
 
 
 class Locked(NamedTuple):
@@ -184,9 +186,7 @@ class OrmStatements:
         return updated == 1
 
     def save_recovery_points(self, claim: ClaimRequest, points: RecoveryPoints) -> bool:
-        updated: int = self._owned(claim).update(
-            recovery_points=[[name, result] for name, result in points]
-        )
+        updated: int = self._owned(claim).update(recovery_points=[list(point) for point in points])
         return updated == 1
 
     def end_lease(self, claim: ClaimRequest) -> bool:
@@ -479,8 +479,8 @@ def _owner(claim: ClaimRequest) -> list[str]:
 
 
 def _recovery_points(value: Any) -> RecoveryPoints:
-    """A ``recovery_points`` column's ``[[name, result], ...]`` as pairs."""
-    return tuple((str(name), result) for name, result in value or ())
+    """A ``recovery_points`` column's ``[[name, result(, compensation)], ...]`` as tuples."""
+    return tuple((str(point[0]), *point[1:]) for point in value or ())
 
 
 def no_wait_prefix(connection: BaseDatabaseWrapper) -> str:

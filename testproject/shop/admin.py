@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from .models import Order, Payment, WebhookEvent
+from .models import CarrierLabel, Order, Payment, Shipment, WebhookEvent
 
 
 class PaymentInline(admin.TabularInline):
@@ -25,3 +25,15 @@ class OrderAdmin(admin.ModelAdmin):
 class WebhookEventAdmin(admin.ModelAdmin):
     list_display = ["event_id", "type", "received"]
     search_fields = ["event_id"]
+
+
+@admin.register(Shipment)
+class ShipmentAdmin(admin.ModelAdmin):
+    list_display = ["id", "order", "label", "service", "status", "created"]
+    list_filter = ["status", "service"]
+
+
+@admin.register(CarrierLabel)
+class CarrierLabelAdmin(admin.ModelAdmin):
+    list_display = ["label", "order_id", "voided", "created"]
+    list_filter = ["voided"]

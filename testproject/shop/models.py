@@ -43,6 +43,38 @@ class Payment(models.Model):
         return f"Payment {self.reference} of {self.amount}"
 
 
+class Shipment(models.Model):
+    """A parcel of a paid order, booked by ``ship_order`` with a label from the carrier."""
+
+    class Status(models.TextChoices):
+        BOOKED = "booked", "booked"
+        CANCELLED = "cancelled", "cancelled"
+
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="shipments")
+    label = models.CharField("carrier label", max_length=64)
+    service = models.CharField(max_length=16)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BOOKED)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created", "pk"]
+
+    def __str__(self) -> str:
+        return f"Shipment {self.label} ({self.status})"
+
+
+class CarrierLabel(models.Model):
+    """The fake carrier's own record of a label (``shop.carrier``): its side, not the shop's."""
+
+    label = models.CharField(max_length=64, unique=True)
+    order_id = models.PositiveIntegerField()
+    voided = models.BooleanField(default=False)
+    created = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.label}{' (voided)' if self.voided else ''}"
+
+
 class WebhookEvent(models.Model):
     """An event delivered by the payment provider's webhook.
 

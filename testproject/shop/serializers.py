@@ -7,7 +7,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from .models import Order, Payment
+from .models import Order, Payment, Shipment
 
 
 class OrderSerializer(serializers.HyperlinkedModelSerializer):
@@ -39,3 +39,13 @@ class PaymentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Payment
         fields = ["id", "order", "amount", "currency", "reference", "created"]
+
+
+class ShipRequestSerializer(serializers.Serializer):
+    service = serializers.ChoiceField(choices=["standard", "same-day"], default="standard")
+
+
+class ShipmentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Shipment
+        fields = ["id", "order", "label", "service", "status", "created"]

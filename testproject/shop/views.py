@@ -27,11 +27,20 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from django_idempotency.conf import conf, get_store
 from django_idempotency.decorators import idempotent
+from django_idempotency.outbox import add_event
 from django_idempotency.rest_framework import ConditionalUpdateMixin, IdempotentMixin
 
-from .models import Order, Payment, WebhookEvent
-from .serializers import OrderSerializer, PaymentSerializer, PayRequestSerializer
+from . import carrier
+from .models import Order, Payment, Shipment, WebhookEvent
+from .serializers import (
+    OrderSerializer,
+    PaymentSerializer,
+    PayRequestSerializer,
+    ShipmentSerializer,
+    ShipRequestSerializer,
+)
 
 
 class OrderViewSet(IdempotentMixin, ConditionalUpdateMixin, viewsets.ModelViewSet):
@@ -75,9 +84,10 @@ def pay_order(request: Request, pk: int) -> Response:
 
     ``@idempotent`` sits below ``@api_view`` so that DRF has authenticated the caller before
     the key is scoped to them. The view runs in the atomic mode: the payment, the order's new
-    status and the stored response commit together or not at all. The price is a
-    transaction held open for as long as the provider takes; for a provider slow enough that
-    this matters, ``@idempotent(required=True, atomic=False)`` (the lease mode) holds none.
+    status, its ``shop.order_paid`` outbox event and the stored response commit together or
+    not at all. The price is a transaction held open for as long as the provider takes; for a
+    provider slow enough that this matters, ``@idempotent(required=True, atomic=False)`` (the
+    lease mode) holds none.
     """
     body = PayRequestSerializer(data=request.data)
     body.is_valid(raise_exception=True)
@@ -92,7 +102,67 @@ def pay_order(request: Request, pk: int) -> Response:
         order.status = Order.Status.PAID
         order.version = F("version") + 1  # a change: ETags handed out before go stale
         order.save(update_fields=["status", "version"])
+        # Commits with the payment, or not at all; the outbox relay publishes it later.
+        add_event(
+            "shop.order_paid",
+            {"order": order.pk, "payment": payment.pk, "amount": str(payment.amount)},
+        )
     return Response(PaymentSerializer(payment).data, status=status.HTTP_201_CREATED)
+
+
+class OrderNotPaid(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "order_not_paid"
+    default_detail = "Only a paid order can be shipped."
+
+
+@api_view(["POST"])
+@permission_classes([IsAuthenticated])
+@idempotent(required=True, atomic=False)
+def ship_order(request: Request, pk: int) -> Response:
+    """Ship a paid order in phases: buy the carrier's label, then book the shipment.
+
+    The lease mode with phases (docs/phases.md): each phase commits with its recovery point,
+    so a retry after a crash resumes after the last one instead of buying a second label, and
+    the label is bought with a key derived from the request's (``run.foreign_key``), which the
+    carrier deduplicates. Each phase names the compensation that undoes it
+    (``shop/compensations.py``). The demo's carrier never has a same-day courier: the view
+    then calls ``run.compensate()``, which cancels the shipment and voids the label, and
+    answers 409, which retries get again. A request whose worker died between the phases is
+    undone by ``python manage.py idempotency_abandoned --compensate``.
+    """
+    if not getattr(get_store(), "supports_phases", False):
+        # The demo also runs with IDEMPOTENCY_STORE=CacheStore, which keeps no recovery points.
+        return Response(
+            {"detail": f"Shipping needs the DatabaseStore, not {conf.IDEMPOTENCY_STORE}."},
+            status=status.HTTP_501_NOT_IMPLEMENTED,
+        )
+    body = ShipRequestSerializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    service = body.validated_data["service"]
+    order = get_object_or_404(Order, pk=pk, customer=request.user)
+    if order.status != Order.Status.PAID:
+        raise OrderNotPaid()
+    run = request.idempotency
+    label = run.phase(
+        "label",
+        lambda: carrier.buy_label(order.pk, service, idempotency_key=run.foreign_key("label")),
+        atomic=False,  # a call to another service: it cannot join a transaction
+        compensate="shop.void-label",
+    )
+    shipment_id = run.phase(
+        "shipment",
+        lambda: Shipment.objects.create(order=order, label=label, service=service).pk,
+        compensate="shop.cancel-shipment",
+    )
+    if service == "same-day":
+        run.compensate()  # cancel the shipment, then void the label
+        return Response(
+            {"detail": "No same-day courier today: the shipment was cancelled, its label voided."},
+            status=status.HTTP_409_CONFLICT,
+        )
+    shipment = Shipment.objects.get(pk=shipment_id)
+    return Response(ShipmentSerializer(shipment).data, status=status.HTTP_201_CREATED)
 
 
 @csrf_exempt

@@ -173,6 +173,13 @@ IDEMPOTENCY_TTL = timedelta(hours=24)
 IDEMPOTENCY_LEASE = timedelta(seconds=30)
 IDEMPOTENCY_STORE = os.environ.get("IDEMPOTENCY_STORE", "django_idempotency.stores.DatabaseStore")
 IDEMPOTENCY_REPLAY_CACHE = os.environ.get("IDEMPOTENCY_REPLAY_CACHE") or None
+# The transactional outbox: pay_order writes shop.order_paid events, which
+# `manage.py idempotency_outbox_relay` hands to the shop's publisher (it logs them).
+IDEMPOTENCY_OUTBOX_PUBLISHERS = {"shop.order_paid": "shop.events.log_event"}
+# Stored responses are encrypted at rest when IDEMPOTENCY_ENCRYPTION_KEY holds a Fernet key
+# (docs/privacy.md says how to make one); none by default.
+_ENCRYPTION_KEY = os.environ.get("IDEMPOTENCY_ENCRYPTION_KEY")
+IDEMPOTENCY_ENCRYPTION_KEYS = [_ENCRYPTION_KEY] if _ENCRYPTION_KEY else []
 
 # How long the fake payment provider takes to charge a card. The demo command raises it so
 # that its burst of duplicate payments overlaps the first one.

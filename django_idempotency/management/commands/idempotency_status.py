@@ -22,6 +22,10 @@ def _setting_names() -> list[str]:
     return sorted(DEFAULTS)
 
 
+#: Settings whose values are secrets: the report counts their items and never shows them.
+_SECRETS = frozenset({"IDEMPOTENCY_ENCRYPTION_KEYS"})
+
+
 def _show(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -100,6 +104,9 @@ class Command(BaseCommand):
             }
             for name, value in ((name, getattr(conf, name)) for name in _setting_names())
         }
+        for name in _SECRETS:
+            hidden = f"<{len(getattr(conf, name))} keys, not shown>"
+            settings_report[name].update(value=hidden, repr=hidden)
         store_path = conf.IDEMPOTENCY_STORE
         store_class: Any = None
         try:

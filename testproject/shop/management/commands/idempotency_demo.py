@@ -42,7 +42,7 @@ from django_idempotency.conf import conf, get_store
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import DatabaseStore
 
-from ...models import Order, Payment, WebhookEvent
+from ...models import CarrierLabel, Order, Payment, Shipment, WebhookEvent
 
 WIDTH = 92
 # Headers worth showing in the narration; the rest (security headers, Vary, ...) is noise.
@@ -474,8 +474,51 @@ class Command(BaseCommand):
         )
 
         self._conditional_update(bob_order_id)
+        self._shipping(order_id)
         self._webhook(payment)
         self._key_table()
+
+    def _shipping(self, order_id: int) -> None:
+        alice = self.alice
+        path = f"/api/orders/{order_id}/ship/"
+        self.heading("8. Shipping in phases; a shipment that cannot go is undone")
+        if not getattr(get_store(), "supports_phases", False):
+            self.say(
+                f"Skipped: phases keep their recovery points in the DatabaseStore, and "
+                f"this run uses {conf.IDEMPOTENCY_STORE}."
+            )
+            return
+        self.say(
+            "Shipping runs in phases (lease mode): buy the carrier's label, then book the "
+            "shipment, each committed with a recovery point and each with a compensation. "
+            "Alice first asks for a same-day shipment. The carrier has no same-day courier, so "
+            "the view calls run.compensate(): the shipment is cancelled and the label voided, "
+            "and the 409 it answers is stored like any other answer."
+        )
+        same_day = _json({"service": "same-day"})
+        key = f"demo-{self.run_id}-ship-same-day"
+        refused = self.call("POST", path, who=alice, key=key, body=same_day)
+        self.expect(refused.status == 409, "409: no same-day courier")
+        shipment = Shipment.objects.filter(order_id=order_id, service="same-day").last()
+        self.expect(
+            shipment is not None and shipment.status == Shipment.Status.CANCELLED,
+            "its shipment was booked, then cancelled",
+        )
+        self.expect(
+            shipment is not None
+            and CarrierLabel.objects.filter(label=shipment.label, voided=True).exists(),
+            "its label was bought, then voided at the carrier",
+        )
+        again = self.call("POST", path, who=alice, key=key, body=same_day)
+        self.expect(again.status == 409 and again.replayed, "the retry is the stored 409")
+        self.say("She ships it the standard way instead, with a new key.")
+        key = f"demo-{self.run_id}-ship-standard"
+        shipped = self.call("POST", path, who=alice, key=key, body=_json({"service": "standard"}))
+        self.expect(shipped.status == 201, "201: shipped")
+        self.expect(
+            Shipment.objects.filter(order_id=order_id, status=Shipment.Status.BOOKED).count() == 1,
+            "one booked shipment for the order",
+        )
 
     def _conditional_update(self, order_id: int) -> None:
         bob = self.bob
@@ -610,7 +653,7 @@ class Command(BaseCommand):
             "data": {"reference": payment["reference"], "amount": payment["amount"]},
         }
         body = _json(event)
-        self.heading("8. An async webhook, delivered twice, is recorded once")
+        self.heading("9. An async webhook, delivered twice, is recorded once")
         self.say(
             "The payment provider reports the charge to /api/webhooks/, a plain async Django "
             "view under @idempotent, which runs in the lease mode: the key is claimed in a "
@@ -633,11 +676,11 @@ class Command(BaseCommand):
     def _key_table(self) -> None:
         usernames = {f"user:{demo.user.pk}": demo.name for demo in (self.alice, self.bob)}
         if isinstance(get_store(), DatabaseStore):
-            self.heading("9. What the IdempotencyKey table holds")
+            self.heading("10. What the IdempotencyKey table holds")
             self.say(
-                "One row per (scope, key) that ran. The refused requests (the 422, the 400) "
-                "and the duplicates stored nothing. Alice's and Bob's rows share a key but not "
-                "a scope."
+                "One row per (scope, key) that ran. The refused requests (the 422, the 400, the "
+                "412) and the duplicates stored nothing. Alice's and Bob's rows share a key but "
+                "not a scope."
             )
             rows = [
                 (
@@ -656,7 +699,7 @@ class Command(BaseCommand):
             ]
             header = ("scope", "key", "method", "path", "state", "status")
         else:
-            self.heading(f"9. What the store ({conf.IDEMPOTENCY_STORE}) holds")
+            self.heading(f"10. What the store ({conf.IDEMPOTENCY_STORE}) holds")
             self.say(
                 "One record per (scope, key) that ran, looked up through the store for every "
                 "scope and key this run used. The refused requests and the duplicates stored "
@@ -675,7 +718,11 @@ class Command(BaseCommand):
         for line in [header, tuple("-" * width for width in widths), *rows]:
             cells = "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
             self.stdout.write(f"  {cells}".rstrip())
-        self.expect(len(rows) == 4, "four keys: Alice's order and payment, Bob's order, the event")
+        if isinstance(get_store(), DatabaseStore):  # the shipments ran (phases need it)
+            count, keys = 6, "six keys: Alice's order, payment and two shipments, Bob's order"
+        else:
+            count, keys = 4, "four keys: Alice's order and payment, Bob's order"
+        self.expect(len(rows) == count, f"{keys}, the event")
         completed = IdempotencyKey.State.COMPLETED
         self.expect(all(row[len(header) - 2] == completed for row in rows), "all completed")
 
