@@ -250,6 +250,10 @@ class CircuitBreaker:
 # -- The policy ------------------------------------------------------------------------------
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When to retry and how long to wait; shared by the sync and the async client.
@@ -276,10 +280,19 @@ class RetryPolicy:
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if self.backoff_base < 0 or self.backoff_cap < 0 or self.max_retry_after < 0:
-            raise ValueError("backoff_base, backoff_cap and max_retry_after must not be negative")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"max_attempts must be an integer of at least 1, not {attempts!r}")
+        # "not x >= 0" also refuses NaN, which no comparison would stop: a NaN deadline was
+        # no deadline, and a NaN backoff_cap made the wait NaN (time.sleep() raised).
+        for name in ("backoff_base", "backoff_cap", "max_retry_after"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value >= 0:
+                raise ValueError(f"{name} must be a number of seconds, not negative: {value!r}")
+        if self.deadline is not None and not (_is_number(self.deadline) and self.deadline > 0):
+            raise ValueError(
+                f"deadline must be None or a positive number of seconds, not {self.deadline!r}"
+            )
 
     def backoff(self, retry: int) -> float:
         """The wait before retry number ``retry`` (0 for the first), with full jitter."""
@@ -468,7 +481,17 @@ class _Base:
     def _prepare(
         self, idempotency_key: str | None, headers: dict[str, str] | None
     ) -> tuple[Attempts, dict[str, str]]:
-        key = idempotency_key or new_key()
+        if idempotency_key is None:
+            key = new_key()
+        elif isinstance(idempotency_key, str) and idempotency_key:
+            key = idempotency_key
+        else:
+            # "" was silently replaced by a new random key: a restarted job calling with its
+            # stored (empty) key would repeat the operation instead of getting its answer.
+            raise ValueError(
+                f"idempotency_key must be None (a new key) or a non-empty string, not "
+                f"{idempotency_key!r}."
+            )
         attempts = self.policy.start(key=key, breaker=self.breaker)
         return attempts, {**(headers or {}), self.header: key}
 

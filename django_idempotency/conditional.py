@@ -12,7 +12,12 @@ from functools import wraps
 from inspect import iscoroutinefunction
 from typing import Any, TypeVar
 
-from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.core.exceptions import (
+    FieldDoesNotExist,
+    FieldError,
+    ImproperlyConfigured,
+    ValidationError,
+)
 from django.db import models, router, transaction
 from django.db.models import F
 from django.http import HttpResponse
@@ -165,7 +170,9 @@ def conditional(
     (:func:`compare_and_set`), then the view runs; a ``412``/``428`` is answered before the
     view, and a view's answer other than ``2xx`` rolls the increment back with the view's own
     writes. A ``2xx`` answer (other than to ``DELETE``) carries the new ``ETag``. A missing
-    object is the view's to answer (its ``404``): preconditions are not evaluated then.
+    object (or a URL value the field cannot hold) is the view's to answer (its ``404``):
+    preconditions are not evaluated then; but a view that answers ``2xx`` to a write with
+    ``If-Match`` for an object ``model`` does not show is rolled back and answered ``412``.
 
     ``required=True`` answers ``428`` to such a request without ``If-Match``; ``with_pk``
     makes tags of the form ``"<pk>.<version>"``. Sync views only. Under ``@idempotent`` (put
@@ -182,7 +189,14 @@ def conditional(
             raise ImproperlyConfigured(
                 f"{owner}: {name} must be a non-empty string, not {describe(value)}."
             )
-    _check_version_field(model_class, version_field, owner)
+    check_version_field(model_class, version_field, owner)
+    try:
+        queryset.values(lookup_field)  # resolves the field now, not at the first request
+    except FieldError:
+        raise ImproperlyConfigured(
+            f"{owner}: lookup_field names {lookup_field!r}, which is not a field of "
+            f"{model_class.__name__}."
+        ) from None
     required = _option(owner, "required", validate_bool, required)
     with_pk = _option(owner, "with_pk", validate_bool, with_pk)
     covered = _option(owner, "methods", validate_methods, methods)
@@ -212,10 +226,10 @@ def conditional(
                     f"argument (it gives {sorted(kwargs)}); set url_kwarg."
                 )
             using = router.db_for_write(model_class)
-            rows = queryset.using(using).filter(**{lookup_field: kwargs[url_kwarg]})
+            lookup = {lookup_field: kwargs[url_kwarg]}
             method = request.method
             if method in ("GET", "HEAD"):
-                current = rows.values_list("pk", version_field).first()
+                current = _current(queryset.using(using), lookup, version_field)
                 response = view_func(request, *args, **kwargs)
                 if current is not None and _shows(response) and "ETag" not in response:
                     response["ETag"] = tag(*current)
@@ -227,9 +241,15 @@ def conditional(
                 return refuse(request, IdempotencyPreconditionRequired())
             if_match = parse_if_match(header)
             with transaction.atomic(using=using):
-                current = rows.values_list("pk", version_field).first()
+                current = _current(queryset.using(using), lookup, version_field)
                 if current is None:
-                    return view_func(request, *args, **kwargs)  # its 404
+                    response = view_func(request, *args, **kwargs)  # its 404
+                    if if_match is not None and _shows(response):
+                        # The view wrote an object that `model` does not show, so If-Match
+                        # was never compared: as for an object that does not exist, it fails.
+                        transaction.set_rollback(True, using=using)
+                        return refuse(request, IdempotencyPreconditionFailed())
+                    return response
                 pk, version = current
                 expected = None
                 if if_match is not None and not if_match.any:
@@ -252,6 +272,17 @@ def conditional(
     return decorator
 
 
+def _current(
+    queryset: models.QuerySet[Any], lookup: dict[str, Any], version_field: str
+) -> tuple[Any, int] | None:
+    """The object's primary key and version; ``None`` when there is no such object, or when
+    the URL's value cannot be one (``"abc"`` for an integer key), as the view's 404 says."""
+    try:
+        return queryset.filter(**lookup).values_list("pk", version_field).first()
+    except (TypeError, ValueError, ValidationError):
+        return None
+
+
 def _shows(response: HttpResponseBase) -> bool:
     return 200 <= response.status_code < 300
 
@@ -266,13 +297,17 @@ def _queryset(model: object, owner: str) -> tuple[models.QuerySet[Any], type[mod
     )
 
 
-def _check_version_field(model: type[models.Model], name: str, owner: str) -> None:
+def check_version_field(
+    model: type[models.Model], name: str, owner: str, option: str = "version_field"
+) -> None:
+    """``ImproperlyConfigured`` unless ``model`` has the integer field ``name`` (set by
+    ``owner``'s ``option``) to hold its version."""
     try:
         field = model._meta.get_field(name)
     except FieldDoesNotExist:
         raise ImproperlyConfigured(
             f"{owner}: {model.__name__} has no field {name!r} to hold its version; add a "
-            "PositiveIntegerField(default=1) or set version_field."
+            f"PositiveIntegerField(default=1) or set {option}."
         ) from None
     if field.get_internal_type() not in _INTEGER_FIELDS:
         raise ImproperlyConfigured(

@@ -161,9 +161,10 @@ def redact(response: StoredResponse, request: Any) -> StoredResponse:
     """``response`` as ``IDEMPOTENCY_REDACT`` returns it.
 
     A hook that raises, or returns anything but a ``StoredResponse`` of the same status with
-    ``(str, str)`` headers and a ``bytes`` (or ``None``) body, stores nothing of the response
-    (no headers, no body: retries get ``409 idempotency_response_not_stored``), and the error
-    is logged: what it should have removed is never stored by mistake.
+    ``(str, str)`` headers (without CR or LF, none named ``:encrypted``) and a ``bytes`` (or
+    ``None``) body, stores nothing of the response (no headers, no body: retries get
+    ``409 idempotency_response_not_stored``), and the error is logged: what it should have
+    removed is never stored by mistake.
     """
     function = _redact_function()
     if function is None:
@@ -178,7 +179,8 @@ def redact(response: StoredResponse, request: Any) -> StoredResponse:
     if not _is_response_of(redacted, response.status):
         logger.error(
             "IDEMPOTENCY_REDACT returned %s, not a StoredResponse of status %d with (str, str) "
-            "headers and a bytes or None body: the response is stored without headers or body.",
+            "headers that a replay can send and a bytes or None body: the response is stored "
+            "without headers or body.",
             type(redacted).__name__,
             response.status,
         )
@@ -190,6 +192,9 @@ def _nothing_of(response: StoredResponse) -> StoredResponse:
     return StoredResponse(status=response.status, headers=[], body=None)
 
 
+_NEWLINES = frozenset("\r\n")
+
+
 def _is_response_of(value: object, status: int) -> bool:
     return (
         isinstance(value, StoredResponse)
@@ -199,6 +204,10 @@ def _is_response_of(value: object, status: int) -> bool:
             isinstance(header, (list, tuple))
             and len(header) == 2
             and all(isinstance(part, str) for part in header)
+            # What a replay can send: Django refuses a CR or LF (every replay was a 500), and
+            # a header named ":encrypted" made the response unreadable (every replay a 503).
+            and not _NEWLINES.intersection(header[0] + header[1])
+            and header[0] != SEALED_HEADER
             for header in value.headers
         )
         and (value.body is None or isinstance(value.body, bytes))

@@ -26,6 +26,7 @@ from django.db.models.functions import Now
 from django.db.transaction import TransactionManagementError
 from django.utils.module_loading import import_string
 
+from django_idempotency.checks import ensure_valid_settings
 from django_idempotency.conf import conf, describe, validate_integer
 from django_idempotency.models import ERROR_MESSAGE_LENGTH, OutboxEvent
 
@@ -62,35 +63,49 @@ def add_event(
     * ``topic``: a topic that ``IDEMPOTENCY_OUTBOX_PUBLISHERS`` lists (or ``"*"`` covers),
       else ``ImproperlyConfigured``: an event nobody publishes would wait for ever. With the
       Celery publisher, the topic is the name of the task to send;
-    * ``payload``: anything ``DjangoJSONEncoder`` encodes (else ``TypeError`` naming the
-      topic); the publisher gets its JSON round trip (a ``Decimal`` as a string);
+    * ``payload``: anything ``DjangoJSONEncoder`` encodes, without NaN or infinities (else
+      ``TypeError`` naming the topic); the publisher gets its JSON round trip (a ``Decimal``
+      as a string);
     * ``headers``: optional string headers for the publisher (Celery message headers);
     * ``using``: the database of the writes; by default the router's choice for writing
       ``OutboxEvent``.
 
     The event's ``message_id`` (a UUID) is the same on every publication.
     """
-    if not isinstance(topic, str) or not 0 < len(topic) <= TOPIC_LENGTH or topic == ANY_TOPIC:
+    if (
+        not isinstance(topic, str)
+        or not 0 < len(topic) <= TOPIC_LENGTH
+        or topic == ANY_TOPIC
+        or "\x00" in topic
+    ):
         raise ValueError(
             f"An outbox topic must be a string of 1 to {TOPIC_LENGTH} characters other than "
-            f"{ANY_TOPIC!r}, not {describe(topic)}."
+            f"{ANY_TOPIC!r}, without NUL characters, not {describe(topic)}."
         )
+    ensure_valid_settings()  # a malformed IDEMPOTENCY_OUTBOX_PUBLISHERS, named
     _publisher_path(topic)  # ImproperlyConfigured when no publisher would take the event
     try:
         # Round-tripped, so the payload the publisher gets is the one stored.
-        stored = json.loads(json.dumps(payload, cls=DjangoJSONEncoder))
+        # allow_nan=False: NaN and Infinity are not JSON, and no database stores them as such.
+        stored = json.loads(json.dumps(payload, cls=DjangoJSONEncoder, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"The payload of the outbox event {topic!r} must be JSON-serialisable: {exc}"
         ) from None
+    if _holds_nul(stored):  # PostgreSQL's json types cannot hold one: a DataError at INSERT
+        raise TypeError(
+            f"The payload of the outbox event {topic!r} holds a NUL character (\\x00), which "
+            "not every database can store."
+        )
     if headers is None:
         headers = {}
     if not isinstance(headers, Mapping) or not all(
-        isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+        isinstance(name, str) and isinstance(value, str) and not _holds_nul([name, value])
+        for name, value in headers.items()
     ):
         raise TypeError(
-            f"The headers of the outbox event {topic!r} must map strings to strings, not "
-            f"{describe(headers)}."
+            f"The headers of the outbox event {topic!r} must map strings to strings without "
+            f"NUL characters, not {describe(headers)}."
         )
     alias = using or router.db_for_write(OutboxEvent)
     if not connections[alias].in_atomic_block:
@@ -98,7 +113,20 @@ def add_event(
             f"add_event({topic!r}) must be called inside transaction.atomic() on the database "
             f"{alias!r}, so that the event commits together with the writes it announces."
         )
-    return OutboxEvent.objects.using(alias).create(topic=topic, payload=stored, headers=headers)
+    return OutboxEvent.objects.using(alias).create(
+        topic=topic, payload=stored, headers=dict(headers)
+    )
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a JSON value holds ``"\\x00"`` in a string or a key."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def _publisher_path(topic: str) -> str:
@@ -166,6 +194,7 @@ def relay_batch(*, batch_size: int | None = None, using: str | None = None) -> R
     :data:`MAX_RETRY_DELAY`) before the next attempt. Each publisher runs in a savepoint,
     so a database error inside it leaves the batch's transaction usable.
     """
+    ensure_valid_settings()  # before any event is marked failing for a malformed setting
     size = _batch_size(batch_size)
     alias = using or router.db_for_write(OutboxEvent)
     features = connections[alias].features

@@ -26,7 +26,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils.module_loading import autodiscover_modules
 
-from django_idempotency.conf import conf, get_store
+from django_idempotency.conf import conf, describe, get_store
 from django_idempotency.exceptions import IdempotencyLeaseLost, IdempotencyStoreUnavailable
 from django_idempotency.heartbeat import Heartbeat
 from django_idempotency.models import IdempotencyKey
@@ -136,6 +136,11 @@ class Phases:
                 f"The phase {name!r} was run from async code: use await run.aphase(...)."
             )
         if compensate is not None:
+            if not isinstance(compensate, str) or not compensate:
+                raise TypeError(
+                    f"The phase {name!r}: compensate must be the name of a registered "
+                    f"compensation (a non-empty string), not {describe(compensate)}."
+                )
             get_compensation(compensate)  # a typo fails here, before the phase runs
         if self.compensated:
             raise RuntimeError(

@@ -11,19 +11,22 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import router, transaction
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from django_idempotency.adapters import Execution, Options
+from django_idempotency.adapters import Execution, Options, option_error
 from django_idempotency.conditional import (
+    check_version_field,
     compare_and_set,
     format_etag,
     parse_if_match,
     precondition_response,
 )
+from django_idempotency.conf import InvalidValue, describe, validate_bool
 from django_idempotency.exceptions import (
     IdempotencyError,
     IdempotencyPreconditionFailed,
@@ -187,6 +190,22 @@ class ConditionalUpdateMixin:
                 f"DRF's view class, as in class {cls.__name__}({first}ConditionalUpdateMixin, "
                 f"{bases})."
             )
+        # At import, as @conditional's options: a missing or text version field was a 500
+        # (or a text column "incremented") at the first request.
+        owner = cls.__name__
+        try:
+            validate_bool(cls.conditional_required)
+        except InvalidValue as exc:
+            raise option_error(owner, "conditional_required", exc) from None
+        field = cls.conditional_version_field
+        if not isinstance(field, str) or not field:
+            raise ImproperlyConfigured(
+                f"{owner}: conditional_version_field must be a non-empty string, not "
+                f"{describe(field)}."
+            )
+        queryset = getattr(cls, "queryset", None)
+        if queryset is not None:
+            check_version_field(queryset.model, field, owner, "conditional_version_field")
 
     def get_etag(self, obj: Any) -> str:
         """The strong entity tag of ``obj``'s current version. Override it to add the primary

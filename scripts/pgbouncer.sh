@@ -11,6 +11,7 @@
 #   bash scripts/pgbouncer.sh           # start PgBouncer (installed from Debian if missing)
 #   bash scripts/pgbouncer.sh test      # ...then run the PostgreSQL tests through it
 #   bash scripts/pgbouncer.sh test -k storm    # ...with more pytest arguments
+#   bash scripts/pgbouncer.sh test --all       # ...the whole suite (about 6 minutes)
 #   source scripts/pgbouncer.sh         # only defines the URL and functions (.ci/run does this)
 set -euo pipefail
 
@@ -21,25 +22,19 @@ PGBOUNCER_URL="postgres://idempotency:idempotency@127.0.0.1:${PGBOUNCER_PORT}/id
 # directly on PostgreSQL before and after (PgBouncer's pooled sessions would block DROP
 # DATABASE through it).
 PGBOUNCER_TEST_DATABASE=test_idempotency_pgbouncer
-# What runs through PgBouncer: the contract (every adapter, every store statement), the
-# concurrency and retry-storm tests, the crash tests, phases, functions, conditional updates
-# and the outbox. The rest of the suite does not touch the database differently.
+# What runs through PgBouncer: the request contract (every answer of the decorator, on both
+# modes), the store's statements, the concurrency and retry-storm tests, the crash tests and
+# several outbox relays at once (SKIP LOCKED). Every other test sends the same statements
+# (docs/scaling.md); the whole suite passes through PgBouncer too (test --all).
 PGBOUNCER_TESTS=(
     tests/test_core.py
     tests/test_decorators.py
-    tests/test_rest_framework.py
-    tests/test_middleware.py
-    tests/test_functions.py
     tests/test_stores.py
-    tests/test_phases.py
-    tests/test_compensations.py
-    tests/test_conditional.py
-    tests/test_outbox.py
-    tests/test_outbox_relay_processes.py
     tests/test_concurrency.py
     tests/test_retry_storm.py
     tests/test_reliability_crashes.py
     tests/test_reliability_database.py
+    tests/test_outbox_relay_processes.py
     tests/test_pgbouncer.py
 )
 
@@ -113,12 +108,17 @@ pgbouncer_drop_test_database() {
 }
 
 run_tests_pgbouncer() {
+    local tests=("${PGBOUNCER_TESTS[@]}")
+    if [[ ${1:-} == --all ]]; then
+        shift
+        tests=(tests/)
+    fi
     pgbouncer_up
     pgbouncer_drop_test_database
     local status=0
     DATABASE_URL=$PGBOUNCER_URL TEST_DATABASE_NAME=$PGBOUNCER_TEST_DATABASE \
         IDEMPOTENCY_TEST_PGBOUNCER=1 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/1} \
-        python3 dev.py test --reuse-db "${PGBOUNCER_TESTS[@]}" "$@" || status=$?
+        python3 dev.py test --reuse-db "${tests[@]}" "$@" || status=$?
     pgbouncer_drop_test_database
     return "$status"
 }

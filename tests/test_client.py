@@ -190,7 +190,20 @@ def test_which_errors_are_retried(error, retried):
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_attempts": 0}, {"backoff_base": -1}, {"backoff_cap": -1}, {"max_retry_after": -1}],
+    [
+        {"max_attempts": 0},
+        {"backoff_base": -1},
+        {"backoff_cap": -1},
+        {"max_retry_after": -1},
+        # NaN passed every comparison: no deadline at all, or a NaN wait (time.sleep raised).
+        {"deadline": float("nan")},
+        {"backoff_cap": float("nan")},
+        {"deadline": -5},
+        {"deadline": 0},
+        {"max_attempts": 2.5},
+        {"max_attempts": "3"},
+        {"backoff_base": "0.1"},
+    ],
 )
 def test_a_policy_refuses_impossible_settings(options):
     with pytest.raises(ValueError, match="must"):
@@ -292,6 +305,18 @@ def test_the_key_and_the_header_name_can_be_chosen():
     assert script.requests[0].headers["X-Request-Key"] == "call_7fQ2kX9bV1"
     assert script.requests[0].headers["X-A"] == "b"
     assert "Idempotency-Key" not in script.requests[0].headers
+
+
+@pytest.mark.parametrize("key", ["", 42, b"k1"])
+def test_a_key_that_is_not_a_non_empty_string_is_refused_before_sending(key):
+    # "" was replaced by a new random key: a job retrying with its stored empty key would
+    # have repeated the operation instead of getting its answer.
+    script = Script(httpx.Response(201))
+
+    with pytest.raises(ValueError, match=r"idempotency_key must be None \(a new key\) or a"):
+        sync_client(script).post("/orders/", idempotency_key=key)
+
+    assert script.requests == []
 
 
 @pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])

@@ -121,6 +121,19 @@ def test_a_compensation_needs_a_name():
         compensation("")
 
 
+@pytest.mark.parametrize("name", [123, ["refund-charge"], b"refund-charge", ""])
+def test_a_compensation_name_that_is_not_a_string_fails_at_the_phase_naming_it(name):
+    # Was a LookupError suggesting @compensation(123), or "unhashable type: 'list'".
+    ran = []
+    with (
+        pytest.raises(TypeError, match=r"The phase 'payment': compensate must be the name of"),
+        idempotent_call("k", scope="s", atomic=False) as call,
+    ):
+        call.phase("payment", lambda: ran.append(1), compensate=name)
+
+    assert ran == []
+
+
 def test_an_unknown_compensation_fails_at_the_phase_before_it_runs():
     ran = []
     with (
@@ -283,6 +296,8 @@ def test_compensate_abandoned_from_code_refuses_a_bad_status():
         (["--compensate", "--complete"], "exclude each other"),
         (["--compensate", "--all"], "nothing to compensate"),
         (["--compensate", "--database", "nope"], "no database 'nope'"),
+        # An empty alias (an unset variable in a script) was the default database.
+        (["--compensate", "--database", ""], "no database ''"),
     ],
 )
 def test_bad_combinations_are_clear_errors(args, message):

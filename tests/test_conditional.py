@@ -1,7 +1,8 @@
 """Conditional updates: ETag, If-Match and the compare-and-set behind them (docs/conditional.md).
 
 The parsing and ``compare_and_set`` are tested alone; ``ConditionalUpdateMixin`` through the
-test client against tests/conditional_views.py, with and without ``IdempotentMixin``. The race
+test client against tests/conditional_views.py, with and without ``IdempotentMixin``;
+``@conditional`` against tests/conditional_function_views.py. The race
 of two updates of the same version needs row locks, so it runs on PostgreSQL and MariaDB only.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
+from django.http import JsonResponse
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
@@ -377,7 +379,7 @@ class TestWithIdempotencyKey:
 
 # -- @conditional on function views -----------------------------------------------------------
 
-function_views = [pytest.mark.django_db, pytest.mark.urls("tests.conditional_views")]
+function_views = [pytest.mark.django_db, pytest.mark.urls("tests.conditional_function_views")]
 
 
 class TestConditionalDecorator:
@@ -516,6 +518,11 @@ def _view(request, pk):
         ((Document,), {"methods": []}, r"methods must be some of PUT, PATCH and DELETE"),
         ((Document,), {"url_kwarg": ""}, r"url_kwarg must be a non-empty string"),
         ((Document,), {"lookup_field": None}, r"lookup_field must be a non-empty string"),
+        (
+            (Document,),
+            {"lookup_field": "slug"},
+            r"lookup_field names 'slug', which is not a field of Document",
+        ),
     ],
 )
 def test_a_wrong_option_is_refused_when_the_view_is_decorated(arguments, options, message):
@@ -543,10 +550,48 @@ def test_a_url_without_the_lookup_argument_names_what_it_gives(rf, document):
         view(rf.put("/"), pk=document.pk)
 
 
+def _rename(request, pk):
+    """Rename any document, found without @conditional's queryset; a 404 for "abc"."""
+    if not str(pk).isdigit() or not Document.objects.filter(pk=pk).exists():
+        return JsonResponse({}, status=404)
+    if request.method in ("PUT", "PATCH"):
+        Document.objects.filter(pk=pk).update(title="renamed")
+    return JsonResponse({"title": "renamed"})
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method", ["get", "put", "delete"])
+def test_a_url_value_the_lookup_field_cannot_hold_is_the_views_404(rf, document, method):
+    # <str:pk> in the URL: "abc" cannot be an integer key (was a ValueError, a 500).
+    view = conditional(Document)(_rename)
+
+    response = view(getattr(rf, method)("/", headers={"If-Match": '"1"'}), pk="abc")
+
+    assert response.status_code == 404
+    assert stored(document) == ("draft", 1)
+
+
+@pytest.mark.django_db
+def test_a_write_to_an_object_the_queryset_hides_fails_its_if_match(rf, document):
+    # The view finds the document that @conditional's queryset does not show: the stale
+    # If-Match was never compared, so the write is rolled back and answered 412.
+    Document.objects.filter(pk=document.pk).update(version=5)
+    view = conditional(Document.objects.filter(title="published"))(_rename)
+
+    response = view(rf.put("/", headers={"If-Match": '"1"'}), pk=document.pk)
+
+    assert response.status_code == 412
+    assert json.loads(response.content)["code"] == "precondition_failed"
+    assert stored(document) == ("draft", 5)
+    # Without If-Match there is nothing to compare: the view's answer stands.
+    assert view(rf.put("/"), pk=document.pk).status_code == 200
+    assert stored(document) == ("renamed", 5)
+
+
 @needs_row_locks
 @pytest.mark.concurrency
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.urls("tests.conditional_views")
+@pytest.mark.urls("tests.conditional_function_views")
 def test_of_two_simultaneous_function_view_updates_of_one_version_one_is_written(monkeypatch):
     document = Document.objects.create(title="draft")
     # Both requests read version 1 and pass the If-Match check before either increments it.
@@ -590,6 +635,39 @@ def test_the_mixin_listed_after_drfs_class_is_refused():
 
         class Late(viewsets.ModelViewSet, ConditionalUpdateMixin):
             pass
+
+
+@needs_drf
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        # Were 500s (AttributeError) at every request, or a text column "incremented".
+        (
+            {"conditional_version_field": "revision"},
+            r"^Wrong: Document has no field 'revision' to hold its version; add a "
+            r"PositiveIntegerField\(default=1\) or set conditional_version_field\.",
+        ),
+        (
+            {"conditional_version_field": "title"},
+            r"^Wrong: Document\.title must be an integer field",
+        ),
+        (
+            {"conditional_version_field": None},
+            r"^Wrong: conditional_version_field must be a non-empty string, not None",
+        ),
+        (
+            {"conditional_required": "no"},
+            r"^Wrong: conditional_required must be True or False, not 'no' \(str\)",
+        ),
+    ],
+)
+def test_a_wrong_mixin_attribute_is_refused_when_the_class_is_made(attributes, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        type(
+            "Wrong",
+            (ConditionalUpdateMixin, viewsets.ModelViewSet),
+            {"queryset": Document.objects.all(), **attributes},
+        )
 
 
 @needs_drf

@@ -122,6 +122,14 @@ def wrong_status_redact(request, response):
     return StoredResponse(status=200, headers=response.headers, body=response.body)
 
 
+def newline_header_redact(request, response):
+    return StoredResponse(status=response.status, headers=[("X-Note", "a\nb")], body=response.body)
+
+
+def sealed_name_redact(request, response):
+    return StoredResponse(status=response.status, headers=[(":encrypted", "x")], body=response.body)
+
+
 NOT_CALLABLE = "a string"
 
 urlpatterns = [
@@ -428,7 +436,17 @@ def test_redaction_gets_none_for_a_function(settings):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("hook", ["failing_redact", "wrong_status_redact"])
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "failing_redact",
+        "wrong_status_redact",
+        # Headers no replay can send: were stored, and every retry was a 500 (Django's
+        # BadHeaderError) or a 503 (taken for an encrypted response it cannot open).
+        "newline_header_redact",
+        "sealed_name_redact",
+    ],
+)
 def test_a_broken_redaction_hook_stores_nothing_of_the_response(settings, caplog, hook):
     settings.IDEMPOTENCY_REDACT = f"{__name__}.{hook}"
     key = new_key()

@@ -14,6 +14,7 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
+from types import MappingProxyType
 
 import pytest
 from django.contrib import admin
@@ -123,7 +124,7 @@ def test_a_topic_without_a_publisher_is_refused(publishers):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("topic", ["", "*", "t" * 256, 42])
+@pytest.mark.parametrize("topic", ["", "*", "t" * 256, 42, "orders\x00created"])
 def test_a_malformed_topic_is_refused(topic):
     with pytest.raises(ValueError, match="An outbox topic must be a string of 1 to 255"):
         add(topic)
@@ -133,6 +134,60 @@ def test_a_malformed_topic_is_refused(topic):
 def test_a_payload_that_is_not_json_is_refused_naming_the_topic():
     with pytest.raises(TypeError, match=r"The payload of the outbox event 'orders\.created'"):
         add("orders.created", {"order": object()})
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_a_payload_holding_nan_or_infinity_is_refused_naming_the_topic(number):
+    # Not JSON: SQLite's CHECK constraint and PostgreSQL's json type refused them (500s).
+    with pytest.raises(TypeError, match=r"The payload of the outbox event 'orders\.created'"):
+        add("orders.created", {"total": number})
+
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("payload", "headers", "problem"),
+    [
+        ({"note": "a\x00b"}, None, r"The payload of .* holds a NUL character"),
+        ({"a\x00b": 1}, None, r"The payload of .* holds a NUL character"),
+        ([["\x00"]], None, r"The payload of .* holds a NUL character"),
+        ({"order": 1}, {"trace": "a\x00b"}, r"The headers of .* without NUL characters"),
+    ],
+)
+def test_a_nul_character_is_refused_on_every_database(payload, headers, problem):
+    # PostgreSQL refused it with a DataError at INSERT, breaking the caller's transaction.
+    with pytest.raises(TypeError, match=problem):
+        add(payload=payload, headers=headers)
+
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_headers_may_be_any_mapping():
+    event = add(headers=MappingProxyType({"trace": "abc"}))  # was a TypeError at INSERT
+
+    event.refresh_from_db()
+    assert event.headers == {"trace": "abc"}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("value", [["orders"], RECORD, None, {"*": 5}])
+def test_a_malformed_publishers_setting_is_named_where_no_check_ran(settings, value):
+    event = add()
+    settings.IDEMPOTENCY_OUTBOX_PUBLISHERS = value
+
+    with pytest.raises(ImproperlyConfigured, match=r"\(django_idempotency\.E030\) "):
+        add()
+    with pytest.raises(ImproperlyConfigured, match=r"IDEMPOTENCY_OUTBOX_PUBLISHERS "):
+        relay_batch()
+    with pytest.raises(CommandError, match=r"IDEMPOTENCY_OUTBOX_PUBLISHERS "):
+        run("--once")  # call_command() runs no checks
+
+    # The event waits for the setting to be fixed, untouched: no failed attempt recorded.
+    event.refresh_from_db()
+    assert (event.attempts, event.last_error, event.published_at) == (0, "", None)
 
 
 @pytest.mark.django_db
@@ -403,12 +458,22 @@ def test_the_command_purges_old_published_events():
         (["--interval", "0"], "--interval must be a number of seconds"),
         (["--interval", "soon"], "--interval must be a number of seconds"),
         (["--purge-older-than", "7 days"], "--purge-older-than must be a duration"),
+        (["--purge-older-than", "99999999999d"], "--purge-older-than must be a duration of at"),
+        (["--purge-older-than", "36501d"], "--purge-older-than must be a duration of at most"),
         (["--database", "nope"], "--database names 'nope', which is not in DATABASES"),
     ],
 )
 def test_the_command_refuses_bad_arguments(args, message):
     with pytest.raises(CommandError, match=message):
         run("--once", *args)
+
+
+@pytest.mark.django_db
+def test_the_command_refuses_a_bad_batch_size_setting_where_no_check_ran(settings):
+    settings.IDEMPOTENCY_OUTBOX_BATCH_SIZE = 0
+
+    with pytest.raises(CommandError, match=r"IDEMPOTENCY_OUTBOX_BATCH_SIZE must be a positive"):
+        run("--once")
 
 
 @pytest.mark.django_db

@@ -535,6 +535,8 @@ def test_durations(text, expected):
         (["--older-than", "7x"], {}, "--older-than must be a duration such as 30m"),
         (["--older-than", "d7"], {}, "--older-than must be a duration such as 30m"),
         (["--older-than", ""], {}, "--older-than must be a duration such as 30m"),
+        (["--older-than", "99999999999d"], {}, "--older-than must be a duration of at most"),
+        (["--older-than", "36501d"], {}, "--older-than must be a duration of at most 36,500"),
         ([], {"older_than": -timedelta(1)}, "--older-than must not be negative"),
         (["--database", "nope"], {}, "--database: no database 'nope' (configured: default"),
     ],

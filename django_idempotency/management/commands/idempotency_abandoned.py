@@ -100,7 +100,8 @@ class Command(BaseCommand):
                 "--compensate acts on requests abandoned mid-way; the stale keys --all adds "
                 "committed no phase, so there is nothing to compensate."
             )
-        database = database or router.db_for_write(IdempotencyKey)
+        if database is None:
+            database = router.db_for_write(IdempotencyKey)
         if database not in connections.settings:
             known = ", ".join(sorted(connections.settings))
             raise CommandError(f"--database: no database {database!r} (configured: {known}).")

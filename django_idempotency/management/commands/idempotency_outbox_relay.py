@@ -8,9 +8,11 @@ from datetime import timedelta
 from types import FrameType
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
+from django_idempotency.checks import ensure_valid_settings
 from django_idempotency.conf import conf
 from django_idempotency.management.commands.purge_idempotency_keys import parse_duration
 from django_idempotency.models import OutboxEvent
@@ -93,6 +95,12 @@ class Command(BaseCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
+        try:
+            # As `manage.py check` does, for call_command() and --skip-checks: a malformed
+            # IDEMPOTENCY_OUTBOX_* setting would otherwise fail every event, or the command.
+            ensure_valid_settings()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
         if database is not None and database not in connections:
             raise CommandError(
                 f"--database names {database!r}, which is not in DATABASES "
@@ -100,13 +108,7 @@ class Command(BaseCommand):
             )
         retention = None
         if purge_older_than is not None:
-            try:
-                retention = parse_duration(purge_older_than)
-            except CommandError:
-                raise CommandError(
-                    "--purge-older-than must be a duration such as 30m, 12h or 7d (units s, m, "
-                    f"h, d, w), not {purge_older_than!r}."
-                ) from None
+            retention = parse_duration(purge_older_than, option="--purge-older-than")
         self.verbosity = verbosity
         self.size = batch_size or conf.IDEMPOTENCY_OUTBOX_BATCH_SIZE
         self.database = database

@@ -10,25 +10,34 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections, router
 
-from django_idempotency.conf import conf
+from django_idempotency.conf import MAX_DURATION, conf
 from django_idempotency.models import IdempotencyKey
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_duration(text: str) -> timedelta:
-    """``30m``, ``12h``, ``7d``, ``1d12h``: numbers with units s, m, h, d, w, in that form."""
+def parse_duration(text: str, *, option: str = "--older-than") -> timedelta:
+    """``30m``, ``12h``, ``7d``, ``1d12h``: numbers with units s, m, h, d, w, in that form, of
+    at most :data:`~django_idempotency.conf.MAX_DURATION` (a longer one cannot be subtracted
+    from the database's clock). ``option`` names the argument in the ``CommandError``."""
     value = text.strip().lower()
     parts = _DURATION.findall(value)
     if not value or "".join(number + unit for number, unit in parts) != value:
         raise CommandError(
-            f"--older-than must be a duration such as 30m, 12h or 7d (units s, m, h, d, w), "
+            f"{option} must be a duration such as 30m, 12h or 7d (units s, m, h, d, w), "
             f"not {text!r}."
         )
     duration = timedelta()
-    for number, unit in parts:
-        duration += timedelta(**{_UNITS[unit]: int(number)})
+    try:
+        for number, unit in parts:
+            duration += timedelta(**{_UNITS[unit]: int(number)})
+    except OverflowError:
+        duration = timedelta.max
+    if duration > MAX_DURATION:
+        raise CommandError(
+            f"{option} must be a duration of at most {MAX_DURATION.days:,} days, not {text!r}."
+        )
     return duration
 
 
