@@ -25,6 +25,7 @@ from django.utils.module_loading import import_string
 
 from django_idempotency.conf import (
     DEFAULTS,
+    MAX_BATCH_SIZE,
     RENAMED,
     SAFE_METHODS,
     TOKEN,
@@ -184,8 +185,8 @@ def _duration(*, zero_allowed: bool) -> Callable[[object, str], object]:
     return lambda value, assign: validate_duration(value, assign=assign, zero_allowed=zero_allowed)
 
 
-def _integer(minimum: int) -> Callable[[object, str], object]:
-    return lambda value, assign: validate_integer(value, minimum=minimum)
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[object, str], object]:
+    return lambda value, assign: validate_integer(value, minimum=minimum, maximum=maximum)
 
 
 def _flag(value: object, assign: str) -> object:
@@ -241,7 +242,10 @@ _VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
     ),
     "IDEMPOTENCY_REDACT": ("django_idempotency.E024", lambda value, assign: validate_redact(value)),
     "IDEMPOTENCY_OUTBOX_PUBLISHERS": ("django_idempotency.E030", _validate_publishers),
-    "IDEMPOTENCY_OUTBOX_BATCH_SIZE": ("django_idempotency.E031", _integer(1)),
+    "IDEMPOTENCY_OUTBOX_BATCH_SIZE": (
+        "django_idempotency.E031",
+        _integer(1, MAX_BATCH_SIZE),
+    ),
 }
 
 

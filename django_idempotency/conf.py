@@ -126,10 +126,21 @@ def validate_duration(value: object, *, assign: str, zero_allowed: bool) -> time
     )
 
 
-def validate_integer(value: object, *, minimum: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+#: The largest outbox batch: one transaction holds the row locks of a whole batch.
+MAX_BATCH_SIZE = 10_000
+
+
+def validate_integer(value: object, *, minimum: int, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    ):
         return value
     wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
+    if maximum is not None:
+        wanted = f"an integer from {minimum} to {maximum:,}"
     raise InvalidValue(f"must be {wanted}, not {describe(value)}.")
 
 

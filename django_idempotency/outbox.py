@@ -27,7 +27,7 @@ from django.db.transaction import TransactionManagementError
 from django.utils.module_loading import import_string
 
 from django_idempotency.checks import ensure_valid_settings
-from django_idempotency.conf import conf, describe, validate_integer
+from django_idempotency.conf import MAX_BATCH_SIZE, conf, describe, validate_integer
 from django_idempotency.models import ERROR_MESSAGE_LENGTH, OutboxEvent
 
 __all__ = ["Publisher", "RelayResult", "add_event", "publisher_for", "relay", "relay_batch"]
@@ -175,9 +175,11 @@ def _positive(name: str, value: object) -> int:
 
 
 def _batch_size(batch_size: int | None) -> int:
-    return _positive(
-        "batch_size", conf.IDEMPOTENCY_OUTBOX_BATCH_SIZE if batch_size is None else batch_size
-    )
+    value = conf.IDEMPOTENCY_OUTBOX_BATCH_SIZE if batch_size is None else batch_size
+    try:
+        return validate_integer(value, minimum=1, maximum=MAX_BATCH_SIZE)
+    except ValueError as exc:
+        raise ValueError(f"batch_size {exc}") from None
 
 
 def relay_batch(*, batch_size: int | None = None, using: str | None = None) -> RelayResult:

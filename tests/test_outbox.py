@@ -316,8 +316,9 @@ def test_the_batch_size_defaults_to_its_setting(settings):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"batch_size": True}, "batch_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be an integer from 1 to 10,000"),
+        ({"batch_size": True}, "batch_size must be an integer from 1 to 10,000"),
+        ({"batch_size": 10**23}, "batch_size must be an integer from 1 to 10,000"),
         ({"max_batches": 0}, "max_batches must be a positive integer"),
     ],
 )
@@ -453,8 +454,9 @@ def test_the_command_purges_old_published_events():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--batch-size", "0"], "--batch-size must be a positive integer, not '0'"),
-        (["--batch-size", "x"], "--batch-size must be a positive integer, not 'x'"),
+        (["--batch-size", "0"], "--batch-size must be an integer from 1 to 10,000, not '0'"),
+        (["--batch-size", "x"], "--batch-size must be an integer from 1 to 10,000, not 'x'"),
+        (["--batch-size", "1" + "0" * 23], "--batch-size must be an integer from 1 to 10,000"),
         (["--interval", "0"], "--interval must be a number of seconds"),
         (["--interval", "soon"], "--interval must be a number of seconds"),
         (["--purge-older-than", "7 days"], "--purge-older-than must be a duration"),
@@ -472,7 +474,7 @@ def test_the_command_refuses_bad_arguments(args, message):
 def test_the_command_refuses_a_bad_batch_size_setting_where_no_check_ran(settings):
     settings.IDEMPOTENCY_OUTBOX_BATCH_SIZE = 0
 
-    with pytest.raises(CommandError, match=r"IDEMPOTENCY_OUTBOX_BATCH_SIZE must be a positive"):
+    with pytest.raises(CommandError, match=r"IDEMPOTENCY_OUTBOX_BATCH_SIZE must be an integer"):
         run("--once")
 
 
@@ -576,12 +578,15 @@ def test_a_bad_publishers_setting_fails_the_checks(settings, value, message):
     assert errors[0].msg.startswith("IDEMPOTENCY_OUTBOX_PUBLISHERS ")
 
 
-def test_a_bad_batch_size_fails_the_checks(settings):
-    settings.IDEMPOTENCY_OUTBOX_BATCH_SIZE = 0
+@pytest.mark.parametrize("size", [0, 10_001, 10**23])
+def test_a_bad_batch_size_fails_the_checks(settings, size):
+    settings.IDEMPOTENCY_OUTBOX_BATCH_SIZE = size
 
-    ids = [error.id for error in run_checks()]
+    errors = [error for error in run_checks() if error.id == "django_idempotency.E031"]
 
-    assert "django_idempotency.E031" in ids
+    assert [error.msg for error in errors] == [
+        f"IDEMPOTENCY_OUTBOX_BATCH_SIZE must be an integer from 1 to 10,000, not {size!r} (int)."
+    ]
 
 
 # -- The admin -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from django_idempotency.checks import ensure_valid_settings
-from django_idempotency.conf import conf
+from django_idempotency.conf import MAX_BATCH_SIZE, conf
 from django_idempotency.management.commands.purge_idempotency_keys import parse_duration
 from django_idempotency.models import OutboxEvent
 from django_idempotency.outbox import RelayResult, relay
@@ -27,8 +27,10 @@ def _positive_integer(text: str) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise CommandError(f"--batch-size must be a positive integer, not {text!r}.")
+    if not 1 <= value <= MAX_BATCH_SIZE:
+        raise CommandError(
+            f"--batch-size must be an integer from 1 to {MAX_BATCH_SIZE:,}, not {text!r}."
+        )
     return value
 
 
