@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
-from django.db import connections, router
+from django.db import connections
 from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
@@ -41,7 +41,7 @@ from django_idempotency.conf import (
     validate_statuses,
 )
 from django_idempotency.encryption import cryptography_installed, validate_keys, validate_redact
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import keys_database
 from django_idempotency.stores import CacheStore
 
 CheckMessages = list[checks.CheckMessage]
@@ -211,6 +211,16 @@ def _validate_publishers(value: object, assign: str) -> None:
             raise InvalidValue(f"[{topic!r}] {exc.problem}", hint=hint) from None
 
 
+def _validate_database(value: object, assign: str) -> None:
+    """``None`` (the router's choice for writing keys) or an alias in ``DATABASES``."""
+    if value is None or (isinstance(value, str) and value in connections.settings):
+        return
+    raise InvalidValue(
+        f"must be None or the alias of a database in DATABASES, not {describe(value)}.",
+        hint=f"Configured databases: {', '.join(sorted(connections.settings)) or 'none'}.",
+    )
+
+
 #: Each setting's check id and validator (which raises ``InvalidValue``). Ids are stable; the
 #: cache settings are checked by check_store_cache and check_replay_cache, with their caches.
 _VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
@@ -246,6 +256,7 @@ _VALIDATORS: dict[str, tuple[str, Callable[[object, str], object]]] = {
         "django_idempotency.E031",
         _integer(1, MAX_BATCH_SIZE),
     ),
+    "IDEMPOTENCY_DATABASE": ("django_idempotency.E025", _validate_database),
 }
 
 
@@ -483,7 +494,11 @@ def _replay_cache_beside_cache_store(alias: str, store_alias: str) -> checks.Che
 def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> CheckMessages:
     """Warn about a keys database without row locks unless it takes the write lock at BEGIN."""
     messages: CheckMessages = []
-    alias = router.db_for_write(IdempotencyKey)
+    try:
+        _validate_database(raw("IDEMPOTENCY_DATABASE"), "")
+    except InvalidValue:
+        return messages  # E025
+    alias = keys_database()
     if databases is None or alias not in databases:
         return messages
     connection = connections[alias]
@@ -604,5 +619,9 @@ def _format(message: checks.CheckMessage) -> str:
 
 @receiver(setting_changed)
 def _revalidate(*, setting: str, **kwargs: Any) -> None:
-    if setting.startswith("IDEMPOTENCY_") or setting in ("CACHES", "SILENCED_SYSTEM_CHECKS"):
+    if setting.startswith("IDEMPOTENCY_") or setting in (
+        "CACHES",
+        "DATABASES",
+        "SILENCED_SYSTEM_CHECKS",
+    ):
         _validated.clear()

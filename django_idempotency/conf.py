@@ -169,6 +169,7 @@ DEFAULTS: dict[str, Any] = {
     "IDEMPOTENCY_REDACT": None,
     "IDEMPOTENCY_OUTBOX_PUBLISHERS": {},
     "IDEMPOTENCY_OUTBOX_BATCH_SIZE": 100,
+    "IDEMPOTENCY_DATABASE": None,
 }
 
 #: Settings that were renamed: old name -> new name. The old name is still read when the new
@@ -315,6 +316,10 @@ class Settings:
     @property
     def IDEMPOTENCY_OUTBOX_BATCH_SIZE(self) -> int:
         return self.read("IDEMPOTENCY_OUTBOX_BATCH_SIZE")  # type: ignore[no-any-return]
+
+    @property
+    def IDEMPOTENCY_DATABASE(self) -> str | None:
+        return self.read("IDEMPOTENCY_DATABASE")  # type: ignore[no-any-return]
 
 
 conf = Settings()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
-from django.db import router, transaction
+from django.db import transaction
 
 from django_idempotency import encryption, signals
 from django_idempotency.checks import ensure_valid_settings
@@ -29,7 +29,7 @@ from django_idempotency.exceptions import (
     IdempotencyStoreUnavailable,
 )
 from django_idempotency.heartbeat import Heartbeat
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import keys_database
 from django_idempotency.phases import Phases, compensation_started
 from django_idempotency.records import ClaimRequest, Record, StoredResponse
 from django_idempotency.stores import KeyLocked, KeyVanished, PhasedStore, Store
@@ -517,9 +517,9 @@ def _completed(record: Record, claim: ClaimRequest) -> Record:
 
 
 def _transaction_alias(store: Store) -> str:
-    """The database of the atomic mode's transaction: the store's, else the router's."""
+    """The database of the atomic mode's transaction: the store's, else the keys' database."""
     alias = getattr(store, "transaction_alias", None)
-    return alias() if callable(alias) else router.db_for_write(IdempotencyKey)
+    return alias() if callable(alias) else keys_database()
 
 
 def _free(store: Store, claim: ClaimRequest, *, keep_phases: bool) -> None:

@@ -130,7 +130,7 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
 
         ``older_than`` keeps keys that expired less than that long ago. ``stale_leases`` also
         deletes the :meth:`stale` keys, expired or not, once the expired ones are done.
-        ``using`` names the database; by default the router's choice for writing keys.
+        ``using`` names the database; by default the keys' (:func:`keys_database`).
         Raises ``ValueError`` for a batch size below 1 or a negative ``older_than``.
         """
         alias = self._write_alias(using)
@@ -213,9 +213,22 @@ class IdempotencyKeyQuerySet(models.QuerySet["IdempotencyKey"]):
         return completed
 
     def _write_alias(self, using: str | None) -> str:
-        """``using``, else the database this queryset was pinned to, else the router's choice."""
+        """``using``, else the database this queryset was pinned to, else the keys' database
+        (:func:`keys_database`)."""
         pinned: str | None = self._db  # type: ignore[attr-defined]
-        return using or pinned or router.db_for_write(self.model)
+        return using or pinned or keys_database()
+
+
+def keys_database() -> str:
+    """The database alias of every read and write of keys that the protocol makes.
+
+    ``IDEMPOTENCY_DATABASE`` when set, else the router's choice for *writing*
+    ``IdempotencyKey`` (``"default"`` without routers). Never the router's read database: a
+    replay or a claim read from a replica that lags would run a request twice. The admin's
+    lists and other reports read through the router (``db_for_read``) as any model does.
+    """
+    alias: str | None = conf.IDEMPOTENCY_DATABASE
+    return alias or router.db_for_write(IdempotencyKey)
 
 
 def _batch_size(batch_size: int | None) -> int:

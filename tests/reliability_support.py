@@ -265,9 +265,67 @@ class PrivatePostgres:
     def stop_server(self) -> None:
         self._ctl("-m", "fast", "-w", "-t", "30", "stop")
 
+    def _sql(self, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(
+            self.url.replace("postgres://", "postgresql://"), autocommit=True
+        ) as conn:
+            return conn.execute(sql).fetchall()
+
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
                 self._ctl("-m", "immediate", "-w", "-t", "30", "stop")
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class PrivateReplica(PrivatePostgres):
+    """A physical streaming replica of a :class:`PrivatePostgres`, on a port of its own.
+
+    Made with ``pg_basebackup -R`` (so it streams from the primary at once), read-only, and
+    read by hot standby queries. ``pause()`` stops it replaying the primary's WAL, so it lags
+    behind by as much as the test wants; ``resume()`` lets it catch up.
+    """
+
+    def __init__(self, primary: PrivatePostgres) -> None:  # copied from the primary: no initdb
+        basebackup = _pg_binary("pg_basebackup")
+        if basebackup is None:
+            problem = "PostgreSQL's pg_basebackup, which is not installed"
+            if services_required():
+                pytest.fail(f"needs {problem}, and IDEMPOTENCY_REQUIRE_SERVICES is set")
+            pytest.skip(f"needs {problem}")
+        self.pg_ctl = primary.pg_ctl
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="idempotency-replica-"))
+        self.data = self.directory / "data"
+        self.logfile = self.directory / "server.log"
+        self.database = primary.database
+        shutil.chown(self.directory, "postgres", "postgres")
+        self._as_postgres(
+            basebackup,
+            *("-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres"),
+            *("-D", str(self.data), "-R", "-X", "stream", "-c", "fast"),
+        )
+        self.start()
+
+    def pause(self) -> None:
+        self._sql("SELECT pg_wal_replay_pause()")
+
+    def resume(self) -> None:
+        self._sql("SELECT pg_wal_replay_resume()")
+
+    def caught_up_with(self, primary: PrivatePostgres) -> None:
+        """Wait until the replica has replayed everything the primary has written so far."""
+        [(lsn,)] = primary._sql("SELECT pg_current_wal_lsn()::text")
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            [(behind,)] = self._sql(
+                f"SELECT pg_wal_lsn_diff('{lsn}', pg_last_wal_replay_lsn()) > 0"
+            )
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"the replica did not catch up in {TIMEOUT} s")
+            time.sleep(0.05)

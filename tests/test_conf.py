@@ -50,6 +50,7 @@ SETTINGS = [
     ("IDEMPOTENCY_STORE_SERVER_ERRORS", False, True, True),
     ("IDEMPOTENCY_STORED_STATUSES", None, ["2XX", 409], frozenset({"2xx", 409})),
     ("IDEMPOTENCY_REPLAY_CACHE", None, "default", "default"),
+    ("IDEMPOTENCY_DATABASE", None, "default", "default"),
     ("IDEMPOTENCY_PURGE_BATCH_SIZE", 1000, 250, 250),
     ("IDEMPOTENCY_STORE_CACHE", "default", "idempotency", "idempotency"),
     ("IDEMPOTENCY_FAIL_OPEN", False, True, True),

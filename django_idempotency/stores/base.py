@@ -63,8 +63,8 @@ class Store(Protocol):
         """Claim and lock the key for the atomic mode.
 
         The context is a Django transaction (``transaction.atomic``) on the store's
-        ``transaction_alias()`` (else the router's database for ``IdempotencyKey``) that stays
-        open while the view runs. When the view fails, the run marks it with
+        ``transaction_alias()`` (else ``models.keys_database()``) that stays open while the
+        view runs. When the view fails, the run marks it with
         ``transaction.set_rollback(True)`` and leaves it normally: the view's writes roll back
         together with the claim.
         """

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 
-from django.db import connections, router
+from django.db import connections
 from django.db import transaction as db_transaction
 
 from django_idempotency import replay_cache
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import keys_database
 from django_idempotency.records import ClaimRequest, Record, StoredResponse
 from django_idempotency.stores.base import (
     KeyVanished,
@@ -31,9 +31,10 @@ from django_idempotency.stores.sql import (
 class DatabaseStore:
     """Keys in the ``IdempotencyKey`` table, claimed by unique constraint and row locks.
 
-    The database alias is the router's choice for writing ``IdempotencyKey``; a subclass may
-    pin ``using``. Every deadline is compared with the database's own clock. ``statements``
-    picks how the statements are written: ``"auto"`` (plain SQL on PostgreSQL and
+    The database alias is ``IDEMPOTENCY_DATABASE``, else the router's choice for writing
+    ``IdempotencyKey`` (``models.keys_database``), for reads too: never a read replica. A
+    subclass may pin ``using``. Every deadline is compared with the database's own clock.
+    ``statements`` picks how the statements are written: ``"auto"`` (plain SQL on PostgreSQL and
     MariaDB/MySQL, the ORM elsewhere) or ``"orm"`` (the ORM everywhere).
     """
 
@@ -43,7 +44,7 @@ class DatabaseStore:
     statements: StatementsKind = "auto"
 
     def _alias(self) -> str:
-        return self.using or router.db_for_write(IdempotencyKey)
+        return self.using or keys_database()
 
     def transaction_alias(self) -> str:
         """The database whose transactions commit a phase's writes with its recovery point."""

@@ -7,12 +7,12 @@ from json import dumps
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections
 from django.db.models.functions import Now
 
 from django_idempotency.conf import conf, get_store
 from django_idempotency.exceptions import IdempotencyStoreUnavailable
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, keys_database
 from django_idempotency.phases import Compensation, compensate_abandoned
 
 #: At most this many keys are listed (the count is always exact).
@@ -71,7 +71,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--database",
             metavar="ALIAS",
-            help="The database of the keys (default: where the router writes IdempotencyKey).",
+            help=(
+                "The database of the keys (default: IDEMPOTENCY_DATABASE, else where the "
+                "router writes IdempotencyKey)."
+            ),
         )
 
     def handle(
@@ -101,7 +104,7 @@ class Command(BaseCommand):
                 "committed no phase, so there is nothing to compensate."
             )
         if database is None:
-            database = router.db_for_write(IdempotencyKey)
+            database = keys_database()
         if database not in connections.settings:
             known = ", ".join(sorted(connections.settings))
             raise CommandError(f"--database: no database {database!r} (configured: {known}).")

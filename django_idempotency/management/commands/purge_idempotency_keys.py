@@ -8,10 +8,10 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections
 
 from django_idempotency.conf import MAX_DURATION, conf
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, keys_database
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -86,7 +86,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--database",
             metavar="ALIAS",
-            help="The database to purge (default: where the router writes IdempotencyKey).",
+            help=(
+                "The database to purge (default: IDEMPOTENCY_DATABASE, else where the "
+                "router writes IdempotencyKey)."
+            ),
         )
 
     def handle(
@@ -114,7 +117,7 @@ class Command(BaseCommand):
         elif older_than is not None and older_than < timedelta(0):
             raise CommandError(f"--older-than must not be negative, not {older_than}.")
         if database is None:
-            database = router.db_for_write(IdempotencyKey)
+            database = keys_database()
         elif database not in connections.settings:
             known = ", ".join(sorted(connections.settings))
             raise CommandError(f"--database: no database {database!r} (configured: {known}).")
