@@ -625,3 +625,32 @@ def _revalidate(*, setting: str, **kwargs: Any) -> None:
         "SILENCED_SYSTEM_CHECKS",
     ):
         _validated.clear()
+
+
+# -- The cache store's durability guard (docs/stores.md, "Failover") ---------------------------
+
+_DURABILITY_IDS = {
+    "IDEMPOTENCY_WAIT_REPLICAS": "django_idempotency.E032",
+    "IDEMPOTENCY_WAIT_TIMEOUT": "django_idempotency.E033",
+}
+
+
+@checks.register(checks.Tags.caches)
+def check_store_cache_durability(app_configs: Any = None, **kwargs: Any) -> CheckMessages:
+    """E032, E033: the cache store's ``WAIT`` options, in its cache's ``OPTIONS``."""
+    alias = _cache_store_alias()
+    config = settings.CACHES.get(alias) if isinstance(alias, str) else None
+    if not isinstance(config, dict):
+        return []  # E014 reports it
+    problems = CacheStore.durability_problems(config.get("OPTIONS") or {})
+    return [
+        checks.Error(
+            f"CACHES[{alias!r}]['OPTIONS'][{name!r}] {problem}",
+            hint=(
+                "The number of Redis replicas that must acknowledge each claim and each stored "
+                "response (0: none, the default), and how long to wait for them, in seconds."
+            ),
+            id=_DURABILITY_IDS[name],
+        )
+        for name, problem in problems.items()
+    ]

@@ -39,7 +39,8 @@ wait_for_port() {
 }
 
 # Install, in one apt call, the servers that are down and missing, redis-server whenever it is
-# missing, plus what mysqlclient needs to build (it has no Linux wheel).
+# missing, HAProxy whenever it is missing, plus what mysqlclient needs to build (it has no Linux
+# wheel).
 install_missing_packages() {
     local packages=()
     if ! port_open 5432 && ! command -v pg_ctlcluster >/dev/null; then
@@ -51,6 +52,11 @@ install_missing_packages() {
     # tests/test_redis_outage.py starts, kills and pauses redis-servers of its own.
     if ! command -v redis-server >/dev/null; then
         packages+=(redis-server)
+    fi
+    # scripts/topologies.sh puts HAProxy in front of three gunicorn instances
+    # (tests/test_multi_server.py, benchmarks/multi_server.py).
+    if ! command -v haproxy >/dev/null && [[ ! -x /usr/sbin/haproxy ]]; then
+        packages+=(haproxy)
     fi
     local package
     for package in default-libmysqlclient-dev pkg-config; do

@@ -73,6 +73,21 @@ def pytest_report_header(config) -> str:
     return "django-idempotency: " + "; ".join(parts)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Deselect (not skip) the ``topology`` tests unless IDEMPOTENCY_TOPOLOGIES=1 asks for them.
+
+    They start whole topologies (HAProxy in front of gunicorn instances, Redis Sentinel and
+    Cluster) and take minutes: ``scripts/topologies.sh`` runs them, the default suite and CI do
+    not (docs/scaling.md).
+    """
+    if os.environ.get("IDEMPOTENCY_TOPOLOGIES") == "1":
+        return
+    deselected = [item for item in items if item.get_closest_marker("topology") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("topology") is None]
+
+
 def pytest_runtest_setup(item) -> None:
     if item.get_closest_marker("redis") is None:
         return

@@ -42,6 +42,8 @@ FUNCTION_LEVEL_IMPORTS = {
     ("django_idempotency.apps", "django_idempotency.openapi"): "only with drf-spectacular",
     # The cache store is the only place that may import django-redis and redis (an extra).
     ("django_idempotency.stores.cache", "redis.exceptions.RedisError"): "optional dependency",
+    ("django_idempotency.stores.cache", "redis.exceptions.AskError"): "optional dependency",
+    ("django_idempotency.stores.cache", "redis.cluster.RedisCluster"): "optional dependency",
     # cryptography is the `encryption` extra, imported only once keys are configured.
     ("django_idempotency.encryption", "cryptography.fernet.Fernet"): "optional dependency",
     ("django_idempotency.encryption", "cryptography.fernet.MultiFernet"): "optional dependency",
