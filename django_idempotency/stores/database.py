@@ -60,6 +60,17 @@ class DatabaseStore:
         with translate_errors(alias):
             return self._statements(alias).get(scope, key)
 
+    def get_or_claim(
+        self, claim: ClaimRequest, *, lease: timedelta | None
+    ) -> tuple[Record | None, bool]:
+        alias = self._alias()
+        with translate_errors(alias):
+            statements = self._statements(alias)
+            if lease is None and not connections[alias].features.has_select_for_update:
+                # SQLite's atomic mode claims inside its transaction (see lock()): only read.
+                return statements.get(claim.scope, claim.key), False
+            return statements.get_or_insert(claim, lease=lease)
+
     def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
         alias = self._alias()
         with translate_errors(alias):
@@ -72,7 +83,9 @@ class DatabaseStore:
                 return self._take(statements, claim, lease=lease)
 
     @contextmanager
-    def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
+    def lock(
+        self, claim: ClaimRequest, *, insert: bool = True, claimed: bool = False
+    ) -> Iterator[Record]:
         alias = self._alias()
         # With row locks, the claim is committed before the transaction starts: a concurrent
         # duplicate then finds a committed row that it cannot lock (and answers at once)
@@ -84,7 +97,7 @@ class DatabaseStore:
         with ExitStack() as transaction:
             with translate_errors(alias):  # claiming; errors of the view itself pass untouched
                 statements = self._statements(alias)
-                inserted = early and statements.insert(claim, lease=None)
+                inserted = claimed or (early and statements.insert(claim, lease=None))
                 transaction.enter_context(db_transaction.atomic(using=alias))
                 if inserted:  # ours, unless a duplicate took it over before we locked it
                     owned = statements.lock_own(claim)
@@ -154,13 +167,29 @@ class ReplayCached:
         if cached is not None:
             return cached
         record = self._statements.get(scope, key)
-        if record is not None and record.completed and record.live and record.expires_in:
+        if record is not None:
+            self._remember(scope, key, record)
+        return record
+
+    @staticmethod
+    def _remember(scope: str, key: str, record: Record) -> None:
+        if record.completed and record.live and record.expires_in:
             # A miss (the cache was restarted, or evicted the copy): refill it for the rest of
             # the key's life, so the next replay needs no query again.
             assert record.response is not None
             remaining = timedelta(seconds=record.expires_in)
             replay_cache.remember(scope, key, record.fingerprint, record.response, remaining)
-        return record
+
+    def get_or_insert(
+        self, claim: ClaimRequest, *, lease: timedelta | None
+    ) -> tuple[Record | None, bool]:
+        cached = replay_cache.lookup(claim.scope, claim.key)
+        if cached is not None:
+            return cached, False
+        record, inserted = self._statements.get_or_insert(claim, lease=lease)
+        if record is not None:
+            self._remember(claim.scope, claim.key, record)
+        return record, inserted
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
         completed = self._statements.complete(claim, response)

@@ -65,6 +65,13 @@ class Statements(Protocol):
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         """Insert the claim unless the key exists; ``False`` if a row was there already."""
 
+    def get_or_insert(
+        self, claim: ClaimRequest, *, lease: timedelta | None
+    ) -> tuple[Record | None, bool]:
+        """The key's record and ``False``; or, the key being absent, ``(None, True)`` once the
+        claim is inserted (``insert``). One statement on PostgreSQL; a read and an insert
+        elsewhere, and a read again when a duplicate inserted the key between them."""
+
     def lock_own(self, claim: ClaimRequest) -> bool:
         """Lock the caller's unfinished claim; ``False`` if it is no longer the caller's."""
 
@@ -127,6 +134,16 @@ class OrmStatements:
         query.insert_values(fields, [row])
         [(statement, params)] = query.get_compiler(using=self.alias).as_sql()
         return self._insert(no_wait_prefix(self.connection) + statement, params)
+
+    def get_or_insert(
+        self, claim: ClaimRequest, *, lease: timedelta | None
+    ) -> tuple[Record | None, bool]:
+        record = self.get(claim.scope, claim.key)
+        if record is not None:
+            return record, False
+        if self.insert(claim, lease=lease):
+            return None, True
+        return self.get(claim.scope, claim.key), False  # a duplicate's, inserted meanwhile
 
     def lock_own(self, claim: ClaimRequest) -> bool:
         rows = self._owned(claim).select_for_update(nowait=self._nowait).order_by()
@@ -250,6 +267,11 @@ class SqlStatements(OrmStatements):
         return None if found is None else self._record(found)
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
+        if lease is None:
+            return self._insert(self._insert_claim, self._insert_params(claim, lease))
+        return self._insert(self._insert_leased, self._insert_params(claim, lease))
+
+    def _insert_params(self, claim: ClaimRequest, lease: timedelta | None) -> list[Any]:
         params = [
             claim.scope,
             claim.key,
@@ -260,9 +282,7 @@ class SqlStatements(OrmStatements):
             claim.token,
             self.duration(claim.ttl),
         ]
-        if lease is None:
-            return self._insert(self._insert_claim, params)
-        return self._insert(self._insert_leased, [*params, self.duration(lease)])
+        return params if lease is None else [*params, self.duration(lease)]
 
     def lock_own(self, claim: ClaimRequest) -> bool:
         with self.connection.cursor() as cursor:
@@ -299,14 +319,16 @@ class SqlStatements(OrmStatements):
         return f"{self._where_key} AND {self._q('owner_token')} = %s AND {self._q('state')} = %s"
 
     @cached_property
-    def _get(self) -> str:
+    def _get_columns(self) -> str:
+        """What :meth:`_record` reads, in its order."""
         names = ("fingerprint", "state", "owner_token")
         columns = ", ".join(self._q(name) for name in (*names, *_RESPONSE_COLUMNS))
-        return (
-            f"SELECT {columns}, {self.seconds_until(self._q('expires_at'))}, "
-            f"{self.seconds_until(self._q('lease_until'))} "
-            f"FROM {self._table} WHERE {self._where_key}"
-        )
+        expires_in = self.seconds_until(self._q("expires_at"))
+        return f"{columns}, {expires_in}, {self.seconds_until(self._q('lease_until'))}"
+
+    @cached_property
+    def _get(self) -> str:
+        return f"SELECT {self._get_columns} FROM {self._table} WHERE {self._where_key}"
 
     @cached_property
     def _lock_own(self) -> str:
@@ -380,6 +402,42 @@ class PostgresqlStatements(SqlStatements):
 
     def insert_ignoring_duplicates(self, table: str, columns: str, values: str) -> str:
         return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
+
+    def get_or_insert(
+        self, claim: ClaimRequest, *, lease: timedelta | None
+    ) -> tuple[Record | None, bool]:
+        statement = self._get_or_insert_claim if lease is None else self._get_or_insert_leased
+        params = [*self._insert_params(claim, lease), claim.scope, claim.key]
+        with bounded_lock_wait(self.connection), self.connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            found = cursor.fetchone()
+        if found is None:
+            # The insert met a row committed after the statement's snapshot was taken, so
+            # its read could not see it: read again, in a snapshot of its own.
+            return self.get(claim.scope, claim.key), False
+        if found[-1]:
+            return None, True
+        return self._record(found[:-1]), False
+
+    def _get_or_insert(self, insert: str) -> str:
+        """One round trip for a first execution: the claim is inserted unless the key exists,
+        and the existing row read otherwise. Both parts see the snapshot taken when the
+        statement began, so the read never sees the row the insert adds: the claim comes back
+        as the one row of ``claimed``, a key present as its own row."""
+        nulls = ", ".join(["NULL"] * 8)  # the columns of _get_columns
+        return (
+            f"WITH claimed AS ({insert} RETURNING 1) "
+            f"SELECT {self._get_columns}, FALSE FROM {self._table} WHERE {self._where_key} "
+            f"UNION ALL SELECT {nulls}, TRUE FROM claimed"
+        )
+
+    @cached_property
+    def _get_or_insert_claim(self) -> str:
+        return self._get_or_insert(self._insert_claim)
+
+    @cached_property
+    def _get_or_insert_leased(self) -> str:
+        return self._get_or_insert(self._insert_leased)
 
 
 class MysqlStatements(SqlStatements):

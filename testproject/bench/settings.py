@@ -17,6 +17,15 @@ MIDDLEWARE = ["bench.middleware.QueryCountMiddleware", *MIDDLEWARE]
 ROOT_URLCONF = "bench.urls"
 # Persistent connections, as a production deployment has them; every server gets the same.
 DATABASES["default"]["CONN_MAX_AGE"] = None
+if os.environ.get("BENCH_SERVER_SIDE_BINDING"):
+    # benchmarks/protocols.py: psycopg binds parameters on the server and prepares a statement
+    # once it has run it five times (its prepare_threshold).
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+if os.environ.get("BENCH_LOCK_TIMEOUT"):
+    # benchmarks/protocols.py: how long a duplicate's claim may wait on an uncommitted one.
+    DATABASES["default"].setdefault("OPTIONS", {})["options"] = (
+        f"-c lock_timeout={os.environ['BENCH_LOCK_TIMEOUT']}"
+    )
 if "CACHES" in globals():  # REDIS_URL is set
     # Several benchmark servers share one Redis database: each keeps to its own prefix.
     CACHES["default"]["KEY_PREFIX"] = os.environ.get("BENCH_CACHE_PREFIX", "bench")  # noqa: F405

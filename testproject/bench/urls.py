@@ -11,4 +11,6 @@ urlpatterns = [
     path("bench/baseline/", views.baseline),
     path("bench/atomic/", views.atomic),
     path("bench/lease/", views.lease),
+    path("bench/realistic/baseline/", views.realistic_baseline),
+    path("bench/realistic/atomic/", views.realistic_atomic),
 ]

@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from django_idempotency.decorators import idempotent
 
-from .work import create_order
+from .work import create_order, create_order_realistic
 
 
 def ping(request: HttpRequest) -> JsonResponse:
@@ -34,3 +34,16 @@ def atomic(request: Request) -> Response:
 def lease(request: Request) -> Response:
     """The lease mode: claim, view and completion in separate short transactions."""
     return create_order(request)
+
+
+@api_view(["POST"])
+def realistic_baseline(request: Request) -> Response:
+    """Three queries and a DRF serializer, with no idempotency."""
+    return create_order_realistic(request)
+
+
+@api_view(["POST"])
+@idempotent
+def realistic_atomic(request: Request) -> Response:
+    """Three queries and a DRF serializer, in the atomic mode."""
+    return create_order_realistic(request)
