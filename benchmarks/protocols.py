@@ -11,18 +11,16 @@ Serves the testproject's ``bench`` app with gunicorn once per protocol, each on 
 its own (``idempotency_proto_*`` on ``$BENCH_POSTGRES_URL``, as ``load_benchmark.py``):
 
 - ``before``: the package as it was at ``--before`` (a git worktree under
-  ``benchmarks/.work/``): a read, then the claim inserted and committed, then locked;
-- ``read-or-claim``: the working tree's package, where one statement reads the key or inserts
-  the claim (``WITH claimed AS (INSERT ... ON CONFLICT DO NOTHING) ... UNION ALL``);
-- ``read-or-claim, guarded``: ``bench.protocols.GuardedEarlyClaimStore``, the same with the
-  insert only tried when the read found nothing;
-- ``before, prepared``: ``before`` with psycopg's server-side binding, which prepares statements;
+  ``benchmarks/.work/``): a read, then a claim row inserted and committed, then locked, the
+  view, the row updated, one commit (two in all);
+- ``kept``: the working tree's package: a read, then advisory transaction locks taken and the
+  key read again in one round trip, the view, the completed row inserted, one commit;
+- ``kept, prepared`` and ``before, prepared``: the same with psycopg's server-side binding,
+  which prepares statements (and sends the advisory locks and the read one at a time);
 - ``before, 3 indexes``: ``before`` on a key table without its created, state and key indexes
   (the admin's and the purge's), to see what those cost a first execution;
-- ``advisory lock``: ``bench.protocols.AdvisoryLockStore``, no row until the response is
-  stored, one commit;
-- ``claim in transaction``: ``bench.protocols.InTransactionClaimStore``, the claim inserted
-  inside the view's transaction (``lock_timeout`` 2 s).
+- ``claim in transaction``: ``bench.protocols.InTransactionClaimStore``, the claim row
+  inserted inside the view's transaction (``lock_timeout`` 2 s), one commit.
 
 Scenarios, driven by wrk (``benchmarks/idempotency_keys.lua``) in a rotating order over
 ``--rounds`` rounds: the view without idempotency (one INSERT, served by ``before``), first
@@ -93,12 +91,11 @@ def build(arguments: argparse.Namespace) -> tuple[list[Server], list[Scenario]]:
     port = arguments.port
     old = {"PYTHONPATH": str(before)}
     setups: list[tuple[str, dict[str, str]]] = [
-        ("read-or-claim", {}),
         ("before", old),
-        ("read-or-claim, guarded", {store: "bench.protocols.GuardedEarlyClaimStore"}),
+        ("kept", {}),
+        ("kept, prepared", {"BENCH_SERVER_SIDE_BINDING": "1"}),
         ("before, prepared", {**old, "BENCH_SERVER_SIDE_BINDING": "1"}),
         ("before, 3 indexes", old),
-        ("advisory lock", {store: "bench.protocols.AdvisoryLockStore"}),
         (
             "claim in transaction",
             {store: "bench.protocols.InTransactionClaimStore", "BENCH_LOCK_TIMEOUT": "2s"},
@@ -126,18 +123,15 @@ def build(arguments: argparse.Namespace) -> tuple[list[Server], list[Scenario]]:
     scenarios = [
         scenario("a", "one INSERT, no idempotency", "before", "/bench/baseline/", "fresh"),
         *(scenario("b", "first executions", name, atomic, "fresh") for name in servers),
-        *(
-            scenario("c", "replays", name, atomic, "replay")
-            for name in ("before", "read-or-claim", "read-or-claim, guarded", "advisory lock")
-        ),
+        *(scenario("c", "replays", name, atomic, "replay") for name in ("before", "kept")),
         *(
             scenario("d", "concurrent duplicates", name, atomic, "burst")
-            for name in ("before", "read-or-claim", "advisory lock", "claim in transaction")
+            for name in ("before", "kept", "claim in transaction")
         ),
         scenario("e", "realistic, no idempotency", "before", "/bench/realistic/baseline/", "fresh"),
         *(
             scenario("e", "realistic first executions", name, realistic, "fresh")
-            for name in ("before", "read-or-claim", "advisory lock")
+            for name in ("before", "kept")
         ),
     ]
     return list(servers.values()), scenarios
@@ -194,7 +188,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 before = before_of(scenario, results)
                 if before:
                     paired[scenario.name].append(mine / before)
-            kept = next(s for s in scenarios if s.name == "read-or-claim: first executions")
+            kept = next(s for s in scenarios if s.name == "kept: first executions")
             say(
                 f"round {len(kept.ok_ratios)}/{arguments.rounds}: first executions "
                 f"{kept.ok_ratios[-1]:.2f}x the one-INSERT view, "

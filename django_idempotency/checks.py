@@ -42,7 +42,7 @@ from django_idempotency.conf import (
 )
 from django_idempotency.encryption import cryptography_installed, validate_keys, validate_redact
 from django_idempotency.models import keys_database
-from django_idempotency.stores import CacheStore
+from django_idempotency.stores import CacheStore, DatabaseStore
 
 CheckMessages = list[checks.CheckMessage]
 
@@ -148,6 +148,19 @@ def _validate_store(value: object, assign: str) -> None:
         attributes=("supports_atomic",),
         hint="A store implements django_idempotency.stores.Store; see docs/stores.md.",
     )
+    store = import_string(str(value))
+    if not issubclass(store, DatabaseStore):
+        return
+    # A DatabaseStore subclass's own choices (docs/stores.md).
+    for attribute, allowed in (("statements", ("auto", "orm")), ("claims", ("auto", "rows"))):
+        chosen = getattr(store, attribute)
+        if chosen not in allowed:
+            raise InvalidValue(
+                f"names {value!r}, whose {attribute} must be "
+                f"{' or '.join(repr(name) for name in allowed)}, not {describe(chosen)}.",
+                hint="statements: how the store's SQL is written; claims: how its atomic mode "
+                "claims a key. See docs/stores.md.",
+            )
 
 
 def _validate_serializer(value: object, assign: str) -> None:

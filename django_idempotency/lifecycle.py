@@ -32,14 +32,7 @@ from django_idempotency.heartbeat import Heartbeat
 from django_idempotency.models import keys_database
 from django_idempotency.phases import Phases, compensation_started
 from django_idempotency.records import ClaimRequest, Record, StoredResponse
-from django_idempotency.stores import (
-    EarlyClaimStore,
-    KeyLocked,
-    KeyVanished,
-    PhasedStore,
-    Store,
-)
-from django_idempotency.stores.base import owned_record
+from django_idempotency.stores import KeyLocked, KeyVanished, PhasedStore, Store
 
 logger = logging.getLogger("django_idempotency")
 
@@ -461,11 +454,7 @@ def _waiting(attempt: Callable[[], _Found], wait: timedelta) -> _Found:
 def _claim_once(store: Store, claim: ClaimRequest, *, atomic: bool) -> _Owned | Record:
     """One try at ``claim``: the claim owned, or the completed record to replay. Raises
     :class:`KeyLocked` while a live request holds the key."""
-    lease = None if atomic else conf.IDEMPOTENCY_LEASE
-    record, claimed = _look(store, claim, lease=lease)
-    previous = record
-    if claimed and not atomic:
-        return _Owned(owned_record(claim), None, None)
+    record = previous = store.get(scope=claim.scope, key=claim.key)
     if record is not None and record.live:
         if record.completed:
             return _completed(record, claim)
@@ -476,23 +465,18 @@ def _claim_once(store: Store, claim: ClaimRequest, *, atomic: bool) -> _Owned | 
                 raise IdempotencyKeyMismatch()
             if record.lease_remaining > 0:
                 raise KeyLocked()
-    insert = record is None and not claimed
+    insert = record is None
     taken_over = None
     if previous is not None and previous.owner_token != claim.token:
         # What the claim replaces, should it succeed.
         taken_over = "abandoned" if previous.live else "expired"
     if not atomic:
-        found = _decide(store.claim(claim, lease=cast(timedelta, lease), insert=insert), claim)
+        found = _decide(store.claim(claim, lease=conf.IDEMPOTENCY_LEASE, insert=insert), claim)
         return found if isinstance(found, Record) else _Owned(found.record, taken_over, None)
     using = _transaction_alias(store)  # now: a store may change its database later
     with ExitStack() as stack:
         try:
-            # `claimed` only goes to a store that claims early: a project's own may not take it.
-            if claimed:
-                locking = store.lock(claim, claimed=True)
-            else:
-                locking = store.lock(claim, insert=insert)
-            locked = stack.enter_context(locking)
+            locked = stack.enter_context(store.lock(claim, insert=insert))
         except KeyLocked:
             if record is not None and record.fingerprint != claim.fingerprint:
                 # A live request holds the key for a different request: that one may
@@ -504,17 +488,6 @@ def _claim_once(store: Store, claim: ClaimRequest, *, atomic: bool) -> _Owned | 
             return found
         # Open until the work has finished: the run ends it.
         return _Owned(found.record, taken_over, _Transaction(stack.pop_all(), using))
-
-
-def _look(
-    store: Store, claim: ClaimRequest, *, lease: timedelta | None
-) -> tuple[Record | None, bool]:
-    """The key's record, and whether the caller's claim was inserted in the same round trip
-    (a store with ``get_or_claim``, see ``EarlyClaimStore``)."""
-    get_or_claim = getattr(store, "get_or_claim", None)
-    if get_or_claim is None:
-        return store.get(scope=claim.scope, key=claim.key), False
-    return cast(EarlyClaimStore, store).get_or_claim(claim, lease=lease)
 
 
 def _decide(record: Record, claim: ClaimRequest) -> _Owned | Record:

@@ -67,6 +67,15 @@ class DatabaseHarness:
     name = DATABASE
     supports_atomic = True
 
+    @property
+    def advisory_claims(self) -> bool:
+        """Whether the atomic mode claims an absent key with advisory locks, writing no row
+        until the response is stored (``DatabaseStore.claims``: PostgreSQL, plain SQL)."""
+        from django_idempotency.conf import get_store
+
+        store = get_store()
+        return bool(store._advisory(store._alias()))
+
     def __init__(self, request: Any = None) -> None:
         self._request = request
 
@@ -164,6 +173,7 @@ class CacheHarness:
 
     name = CACHE
     supports_atomic = False
+    advisory_claims = False
 
     def __init__(self, request: Any = None, *, alias: str = CACHE_ALIAS) -> None:
         from django.core.cache import caches

@@ -31,7 +31,7 @@ from django_idempotency.checks import (
 )
 from django_idempotency.conf import conf
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import CacheStore
+from django_idempotency.stores import CacheStore, DatabaseStore
 from tests.models import Charge
 
 pytestmark = pytest.mark.django_db
@@ -116,6 +116,15 @@ class NotAStore:
 
 NOT_CALLABLE = "django_idempotency.conf.DEFAULT_STORE"  # a string constant
 
+
+class SqlStore(DatabaseStore):
+    statements = "sql"  # type: ignore[assignment]
+
+
+class AdvisoryStore(DatabaseStore):
+    claims = "advisory"  # type: ignore[assignment]
+
+
 # (setting, a bad value, the id it gets, words the message has)
 BAD_SETTINGS = [
     ("IDEMPOTENCY_HEADER", "", "E001", "must be a header name"),
@@ -159,6 +168,18 @@ BAD_SETTINGS = [
         "supports_atomic.",
     ),
     ("IDEMPOTENCY_STORE", NOT_CALLABLE, "E007", "which is not a store class"),
+    (
+        "IDEMPOTENCY_STORE",
+        "tests.test_checks.SqlStore",
+        "E007",
+        "whose statements must be 'auto' or 'orm', not 'sql' (str).",
+    ),
+    (
+        "IDEMPOTENCY_STORE",
+        "tests.test_checks.AdvisoryStore",
+        "E007",
+        "whose claims must be 'auto' or 'rows', not 'advisory' (str).",
+    ),
     ("IDEMPOTENCY_SCOPE", "tests.views.no_such_function", "E008", "cannot be imported"),
     ("IDEMPOTENCY_SCOPE", NOT_CALLABLE, "E008", "which is not callable"),
     ("IDEMPOTENCY_FINGERPRINT", "nope", "E009", "names 'nope', which cannot be imported"),

@@ -1043,6 +1043,11 @@ def test_running_view_holds_its_key_as_in_progress(client, url, kind, store, set
 
     seen = send(client, f"{url}?behaviour=peek").json()
 
+    if atomic_mode(kind, store) and store.advisory_claims:
+        # PostgreSQL's advisory claims hold the key with locks: no row until the response
+        # is stored, with the view's writes (docs/modes.md, "Advisory claims").
+        assert (seen["keys"], seen["state"]) == (0, None)
+        return
     assert (seen["keys"], seen["state"]) == (1, "in_progress")
     # The atomic mode holds a row lock, with no lease; the lease mode a renewable lease.
     if atomic_mode(kind, store):

@@ -3,8 +3,8 @@
 A store knows nothing of HTTP. It keeps one record per (scope, key) and settles races between
 requests for the same key; ``core`` decides what each record means for the request at hand.
 
-- ``base``: the ``Store``, ``EarlyClaimStore`` and ``PhasedStore`` protocols, ``KeyLocked``,
-  ``may_take_over`` and the translation of database errors;
+- ``base``: the ``Store`` and ``PhasedStore`` protocols, ``KeyLocked``, ``may_take_over`` and
+  the translation of database errors;
 - ``database``: ``DatabaseStore``, and the replay cache in front of its statements;
 - ``sql``: the statements ``DatabaseStore`` sends, one strategy per way of writing them;
 - ``cache``: ``CacheStore``, in Redis.
@@ -24,7 +24,6 @@ from django_idempotency.records import (
 )
 from django_idempotency.stores.base import (
     NOT_MIGRATED,
-    EarlyClaimStore,
     KeyLocked,
     KeyVanished,
     PhasedStore,
@@ -42,7 +41,6 @@ __all__ = [
     "CacheStore",
     "ClaimRequest",
     "DatabaseStore",
-    "EarlyClaimStore",
     "KeyLocked",
     "KeyVanished",
     "PhasedStore",

@@ -59,13 +59,8 @@ class Store(Protocol):
     def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
         """Claim the key in the lease mode: a short write, fenced by ``claim.token``."""
 
-    def lock(
-        self, claim: ClaimRequest, *, insert: bool = True, claimed: bool = False
-    ) -> AbstractContextManager[Record]:
+    def lock(self, claim: ClaimRequest, *, insert: bool = True) -> AbstractContextManager[Record]:
         """Claim and lock the key for the atomic mode.
-
-        ``claimed`` says the caller's claim is in place already (inserted and committed by
-        :meth:`EarlyClaimStore.get_or_claim`): only its lock is left to take.
 
         The context is a Django transaction (``transaction.atomic``) on the store's
         ``transaction_alias()`` (else ``models.keys_database()``) that stays open while the
@@ -82,24 +77,6 @@ class Store(Protocol):
 
     def renew(self, claim: ClaimRequest, *, lease: timedelta) -> bool:
         """Extend the caller's lease; ``False`` once the caller no longer owns the key."""
-
-
-class EarlyClaimStore(Store, Protocol):
-    """A store that can read a key and claim it when it is absent, in one call: optional.
-
-    Used by ``core`` in place of :meth:`~Store.get`, so that a first execution costs one
-    round trip less (on PostgreSQL, one statement reads the key or inserts the claim).
-    """
-
-    def get_or_claim(
-        self, claim: ClaimRequest, *, lease: timedelta | None
-    ) -> tuple[Record | None, bool]:
-        """``(record, False)`` for the key's record (``None``: absent, and not claimed), or
-        ``(None, True)`` once the caller's claim is inserted and committed: with ``lease``
-        in the lease mode, without one (``None``) for the atomic mode, whose
-        :meth:`~Store.lock` then takes it with ``claimed=True``. A store that cannot commit a
-        claim before the atomic mode's transaction (SQLite) only reads.
-        """
 
 
 class PhasedStore(Store, Protocol):

@@ -3,17 +3,22 @@ locks. What each step means lives here; the statements it sends are a strategy (
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
+from typing import Literal, cast
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db import transaction as db_transaction
 
 from django_idempotency import replay_cache
+from django_idempotency.exceptions import IdempotencyKeyMismatch, IdempotencyStoreUnavailable
 from django_idempotency.models import keys_database
 from django_idempotency.records import ClaimRequest, Record, StoredResponse
 from django_idempotency.stores.base import (
+    KeyLocked,
     KeyVanished,
     may_take_over,
     owned_record,
@@ -21,11 +26,17 @@ from django_idempotency.stores.base import (
 )
 from django_idempotency.stores.sql import (
     Locked,
+    PostgresqlStatements,
     RecoveryPoints,
     Statements,
     StatementsKind,
     statements_for,
 )
+
+logger = logging.getLogger("django_idempotency")
+
+#: How the atomic mode claims an absent key (``DatabaseStore.claims``).
+ClaimsKind = Literal["auto", "rows"]
 
 
 class DatabaseStore:
@@ -35,13 +46,19 @@ class DatabaseStore:
     ``IdempotencyKey`` (``models.keys_database``), for reads too: never a read replica. A
     subclass may pin ``using``. Every deadline is compared with the database's own clock.
     ``statements`` picks how the statements are written: ``"auto"`` (plain SQL on PostgreSQL and
-    MariaDB/MySQL, the ORM elsewhere) or ``"orm"`` (the ORM everywhere).
+    MariaDB/MySQL, the ORM elsewhere) or ``"orm"`` (the ORM everywhere); ``claims`` how the
+    atomic mode claims an absent key (docs/modes.md, "How the atomic mode claims a key").
     """
 
     supports_atomic = True
     supports_phases = True
     using: str | None = None
     statements: StatementsKind = "auto"
+    #: How the atomic mode claims an absent key: ``"auto"``, with advisory transaction locks
+    #: where the statements have them (PostgreSQL, plain SQL), its row written once, completed,
+    #: with the view's writes; ``"rows"``, with a claim row committed before the view runs,
+    #: then locked (every database; the only way on MariaDB/MySQL, SQLite and the ORM).
+    claims: ClaimsKind = "auto"
 
     def _alias(self) -> str:
         return self.using or keys_database()
@@ -60,17 +77,6 @@ class DatabaseStore:
         with translate_errors(alias):
             return self._statements(alias).get(scope, key)
 
-    def get_or_claim(
-        self, claim: ClaimRequest, *, lease: timedelta | None
-    ) -> tuple[Record | None, bool]:
-        alias = self._alias()
-        with translate_errors(alias):
-            statements = self._statements(alias)
-            if lease is None and not connections[alias].features.has_select_for_update:
-                # SQLite's atomic mode claims inside its transaction (see lock()): only read.
-                return statements.get(claim.scope, claim.key), False
-            return statements.get_or_insert(claim, lease=lease)
-
     def claim(self, claim: ClaimRequest, *, lease: timedelta, insert: bool = True) -> Record:
         alias = self._alias()
         with translate_errors(alias):
@@ -82,11 +88,25 @@ class DatabaseStore:
             with db_transaction.atomic(using=alias):
                 return self._take(statements, claim, lease=lease)
 
+    def _advisory(self, alias: str) -> bool:
+        """Whether the atomic mode claims an absent key with advisory locks on ``alias``."""
+        if self.claims not in ("auto", "rows"):
+            raise ImproperlyConfigured(
+                f"DatabaseStore.claims must be 'auto' or 'rows', not {self.claims!r}."
+            )
+        strategy = statements_for(connections[alias], self.statements)
+        return self.claims == "auto" and isinstance(strategy, PostgresqlStatements)
+
     @contextmanager
-    def lock(
-        self, claim: ClaimRequest, *, insert: bool = True, claimed: bool = False
-    ) -> Iterator[Record]:
+    def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
         alias = self._alias()
+        if insert and self._advisory(alias):
+            with ExitStack() as transaction:
+                with translate_errors(alias):
+                    transaction.enter_context(db_transaction.atomic(using=alias))
+                    record = self._lock_absent(self._statements(alias), claim)
+                yield record
+            return
         # With row locks, the claim is committed before the transaction starts: a concurrent
         # duplicate then finds a committed row that it cannot lock (and answers at once)
         # instead of waiting on our uncommitted insert for as long as the view runs. A live
@@ -97,7 +117,7 @@ class DatabaseStore:
         with ExitStack() as transaction:
             with translate_errors(alias):  # claiming; errors of the view itself pass untouched
                 statements = self._statements(alias)
-                inserted = claimed or (early and statements.insert(claim, lease=None))
+                inserted = early and statements.insert(claim, lease=None)
                 transaction.enter_context(db_transaction.atomic(using=alias))
                 if inserted:  # ours, unless a duplicate took it over before we locked it
                     owned = statements.lock_own(claim)
@@ -109,10 +129,29 @@ class DatabaseStore:
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
         alias = self._alias()
         with translate_errors(alias):
-            return self._statements(alias).complete(claim, response)
+            statements = self._statements(alias)
+            unwritten = _unwritten(alias)
+            if claim.token not in unwritten:
+                return statements.complete(claim, response)
+            unwritten.discard(claim.token)
+            if cast(PostgresqlStatements, statements).insert_completed(claim, response):
+                return True
+        # A row appeared under our advisory locks: only a lease-mode claim of the same key
+        # (the lease mode takes no advisory lock) inserts one. Its request runs, so ours
+        # must not commit: the atomic mode rolls our work back and answers 503.
+        logger.error(
+            "Idempotency key %r was claimed in the lease mode while an atomic-mode request "
+            "held it; the atomic-mode request was rolled back.",
+            claim.key,
+        )
+        raise IdempotencyStoreUnavailable(retry_after=1)
 
     def release(self, claim: ClaimRequest) -> bool:
         alias = self._alias()
+        unwritten = _unwritten(alias)
+        if claim.token in unwritten:
+            unwritten.discard(claim.token)
+            return True  # nothing was written; the advisory locks end with the transaction
         with translate_errors(alias):
             return self._statements(alias).release(claim)
 
@@ -123,13 +162,33 @@ class DatabaseStore:
 
     def save_recovery_points(self, claim: ClaimRequest, points: RecoveryPoints) -> bool:
         alias = self._alias()
+        if claim.token in _unwritten(alias):
+            # No row yet: the points would roll back with the work anyway (the atomic mode).
+            return True
         with translate_errors(alias):
             return self._statements(alias).save_recovery_points(claim, points)
 
     def end_lease(self, claim: ClaimRequest) -> bool:
         alias = self._alias()
+        if claim.token in _unwritten(alias):
+            return True
         with translate_errors(alias):
             return self._statements(alias).end_lease(claim)
+
+    def _lock_absent(self, statements: Statements, claim: ClaimRequest) -> Record:
+        """Claim a key the read found absent, with advisory locks (``claims``): no row is
+        written until the response is stored, with the view's writes, in one commit."""
+        locked, record = cast(PostgresqlStatements, statements).try_key_locks(claim)
+        if locked is None:
+            raise KeyLocked()  # the same request is in flight
+        if not locked:
+            raise IdempotencyKeyMismatch()  # a different request is in flight
+        if record is None:
+            _unwritten(statements.alias).add(claim.token)
+            return owned_record(claim)
+        # A row was committed after our read (its request has just finished), or is left
+        # from a claim row: decide under its row lock, as for any existing key.
+        return self._take(statements, claim, lease=None)
 
     def _take(
         self, statements: Statements, claim: ClaimRequest, *, lease: timedelta | None
@@ -147,6 +206,19 @@ class DatabaseStore:
         points = locked.recovery_points if resumed else ()
         statements.take_over(locked, claim, lease=lease, points=points)
         return owned_record(claim, points)
+
+
+def _unwritten(alias: str) -> set[str]:
+    """The owner tokens of advisory claims on ``alias`` whose row is not written yet.
+
+    Kept on the connection, so one per alias and thread, as the claims' transactions are.
+    A token leaves when its claim is completed or released.
+    """
+    held: set[str] = connections[alias].__dict__.setdefault(_UNWRITTEN, set())
+    return held
+
+
+_UNWRITTEN = "_django_idempotency_unwritten"
 
 
 class ReplayCached:
@@ -167,40 +239,28 @@ class ReplayCached:
         if cached is not None:
             return cached
         record = self._statements.get(scope, key)
-        if record is not None:
-            self._remember(scope, key, record)
-        return record
-
-    @staticmethod
-    def _remember(scope: str, key: str, record: Record) -> None:
-        if record.completed and record.live and record.expires_in:
+        if record is not None and record.completed and record.live and record.expires_in:
             # A miss (the cache was restarted, or evicted the copy): refill it for the rest of
             # the key's life, so the next replay needs no query again.
             assert record.response is not None
             remaining = timedelta(seconds=record.expires_in)
             replay_cache.remember(scope, key, record.fingerprint, record.response, remaining)
-
-    def get_or_insert(
-        self, claim: ClaimRequest, *, lease: timedelta | None
-    ) -> tuple[Record | None, bool]:
-        cached = replay_cache.lookup(claim.scope, claim.key)
-        if cached is not None:
-            return cached, False
-        record, inserted = self._statements.get_or_insert(claim, lease=lease)
-        if record is not None:
-            self._remember(claim.scope, claim.key, record)
-        return record, inserted
+        return record
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
         completed = self._statements.complete(claim, response)
-        if completed and response.body is not None:
+        if completed:
+            self._remember_on_commit(claim, response)
+        return completed
+
+    def _remember_on_commit(self, claim: ClaimRequest, response: StoredResponse) -> None:
+        if response.body is not None:
             db_transaction.on_commit(
                 lambda: replay_cache.remember(
                     claim.scope, claim.key, claim.fingerprint, response, claim.ttl
                 ),
                 using=self.alias,
             )
-        return completed
 
     def take_over(
         self,
@@ -216,6 +276,15 @@ class ReplayCached:
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         return self._statements.insert(claim, lease=lease)
+
+    def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
+        return cast(PostgresqlStatements, self._statements).try_key_locks(claim)
+
+    def insert_completed(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        inserted = cast(PostgresqlStatements, self._statements).insert_completed(claim, response)
+        if inserted:
+            self._remember_on_commit(claim, response)
+        return inserted
 
     def lock_own(self, claim: ClaimRequest) -> bool:
         return self._statements.lock_own(claim)

@@ -29,7 +29,14 @@ from django.db.models.sql.subqueries import InsertQuery
 from django.utils.duration import duration_microseconds
 
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.records import COMPLETED, IN_PROGRESS, ClaimRequest, Record, StoredResponse
+from django_idempotency.records import (
+    COMPLETED,
+    IN_PROGRESS,
+    ClaimRequest,
+    Record,
+    StoredResponse,
+    digest,
+)
 
 #: Which statements a store sends: ``"auto"``, the plain SQL written for the database's vendor
 #: where there is some (PostgreSQL, MariaDB/MySQL) and the ORM elsewhere; ``"orm"``, the ORM.
@@ -64,13 +71,6 @@ class Statements(Protocol):
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
         """Insert the claim unless the key exists; ``False`` if a row was there already."""
-
-    def get_or_insert(
-        self, claim: ClaimRequest, *, lease: timedelta | None
-    ) -> tuple[Record | None, bool]:
-        """The key's record and ``False``; or, the key being absent, ``(None, True)`` once the
-        claim is inserted (``insert``). One statement on PostgreSQL; a read and an insert
-        elsewhere, and a read again when a duplicate inserted the key between them."""
 
     def lock_own(self, claim: ClaimRequest) -> bool:
         """Lock the caller's unfinished claim; ``False`` if it is no longer the caller's."""
@@ -134,16 +134,6 @@ class OrmStatements:
         query.insert_values(fields, [row])
         [(statement, params)] = query.get_compiler(using=self.alias).as_sql()
         return self._insert(no_wait_prefix(self.connection) + statement, params)
-
-    def get_or_insert(
-        self, claim: ClaimRequest, *, lease: timedelta | None
-    ) -> tuple[Record | None, bool]:
-        record = self.get(claim.scope, claim.key)
-        if record is not None:
-            return record, False
-        if self.insert(claim, lease=lease):
-            return None, True
-        return self.get(claim.scope, claim.key), False  # a duplicate's, inserted meanwhile
 
     def lock_own(self, claim: ClaimRequest) -> bool:
         rows = self._owned(claim).select_for_update(nowait=self._nowait).order_by()
@@ -267,11 +257,6 @@ class SqlStatements(OrmStatements):
         return None if found is None else self._record(found)
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
-        if lease is None:
-            return self._insert(self._insert_claim, self._insert_params(claim, lease))
-        return self._insert(self._insert_leased, self._insert_params(claim, lease))
-
-    def _insert_params(self, claim: ClaimRequest, lease: timedelta | None) -> list[Any]:
         params = [
             claim.scope,
             claim.key,
@@ -282,7 +267,9 @@ class SqlStatements(OrmStatements):
             claim.token,
             self.duration(claim.ttl),
         ]
-        return params if lease is None else [*params, self.duration(lease)]
+        if lease is None:
+            return self._insert(self._insert_claim, params)
+        return self._insert(self._insert_leased, [*params, self.duration(lease)])
 
     def lock_own(self, claim: ClaimRequest) -> bool:
         with self.connection.cursor() as cursor:
@@ -319,16 +306,14 @@ class SqlStatements(OrmStatements):
         return f"{self._where_key} AND {self._q('owner_token')} = %s AND {self._q('state')} = %s"
 
     @cached_property
-    def _get_columns(self) -> str:
-        """What :meth:`_record` reads, in its order."""
+    def _get(self) -> str:
         names = ("fingerprint", "state", "owner_token")
         columns = ", ".join(self._q(name) for name in (*names, *_RESPONSE_COLUMNS))
-        expires_in = self.seconds_until(self._q("expires_at"))
-        return f"{columns}, {expires_in}, {self.seconds_until(self._q('lease_until'))}"
-
-    @cached_property
-    def _get(self) -> str:
-        return f"SELECT {self._get_columns} FROM {self._table} WHERE {self._where_key}"
+        return (
+            f"SELECT {columns}, {self.seconds_until(self._q('expires_at'))}, "
+            f"{self.seconds_until(self._q('lease_until'))} "
+            f"FROM {self._table} WHERE {self._where_key}"
+        )
 
     @cached_property
     def _lock_own(self) -> str:
@@ -403,41 +388,70 @@ class PostgresqlStatements(SqlStatements):
     def insert_ignoring_duplicates(self, table: str, columns: str, values: str) -> str:
         return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING"
 
-    def get_or_insert(
-        self, claim: ClaimRequest, *, lease: timedelta | None
-    ) -> tuple[Record | None, bool]:
-        statement = self._get_or_insert_claim if lease is None else self._get_or_insert_leased
-        params = [*self._insert_params(claim, lease), claim.scope, claim.key]
-        with bounded_lock_wait(self.connection), self.connection.cursor() as cursor:
-            cursor.execute(statement, params)
-            found = cursor.fetchone()
-        if found is None:
-            # The insert met a row committed after the statement's snapshot was taken, so
-            # its read could not see it: read again, in a snapshot of its own.
-            return self.get(claim.scope, claim.key), False
-        if found[-1]:
-            return None, True
-        return self._record(found[:-1]), False
+    # Advisory claims (DatabaseStore.claims): an absent key is claimed by transaction-level
+    # advisory locks, and its row is only written, completed, when its response is stored.
 
-    def _get_or_insert(self, insert: str) -> str:
-        """One round trip for a first execution: the claim is inserted unless the key exists,
-        and the existing row read otherwise. Both parts see the snapshot taken when the
-        statement began, so the read never sees the row the insert adds: the claim comes back
-        as the one row of ``claimed``, a key present as its own row."""
-        nulls = ", ".join(["NULL"] * 8)  # the columns of _get_columns
-        return (
-            f"WITH claimed AS ({insert} RETURNING 1) "
-            f"SELECT {self._get_columns}, FALSE FROM {self._table} WHERE {self._where_key} "
-            f"UNION ALL SELECT {nulls}, TRUE FROM claimed"
-        )
+    def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
+        """Take the claim's two advisory transaction locks without waiting, then read the key.
+
+        The first lock is on (scope, key, fingerprint), the second on (scope, key), in that
+        order: ``None`` when the first is held (the same request is in flight), ``False`` when
+        only the second is (a different request is: whoever holds the second holds the first
+        for its own fingerprint), ``True`` when both are ours. The read is a statement of its
+        own, sent in the same round trip, so that it sees a row committed by the request that
+        held the locks until just before (a statement sees what was committed when it began).
+        """
+        params = [
+            advisory_lock_id([claim.scope, claim.key, claim.fingerprint]),
+            advisory_lock_id([claim.scope, claim.key]),
+        ]
+        with self.connection.cursor() as cursor:
+            if _sends_several_statements(cursor):
+                cursor.execute(
+                    f"{self._try_key_locks}; {self._get}", [*params, claim.scope, claim.key]
+                )
+                (locked,) = cursor.fetchone()
+                cursor.nextset()
+                found = cursor.fetchone()
+            else:
+                cursor.execute(self._try_key_locks, params)
+                (locked,) = cursor.fetchone()
+                if not locked:
+                    return locked, None
+                cursor.execute(self._get, [claim.scope, claim.key])
+                found = cursor.fetchone()
+        return locked, None if found is None else self._record(found)
+
+    def insert_completed(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        """Insert the key's row, completed; ``False`` if a row for the key exists already."""
+        headers = [list(header) for header in response.headers]
+        params = [
+            claim.scope,
+            claim.key,
+            COMPLETED,
+            claim.fingerprint,
+            claim.method,
+            claim.path,
+            claim.token,
+            response.status,
+            _HEADERS.get_db_prep_save(headers, self.connection),
+            _BODY.get_db_prep_save(response.body, self.connection),
+            self.duration(claim.ttl),
+        ]
+        with self.connection.cursor() as cursor:
+            cursor.execute(self._insert_completed, params)
+            return bool(cursor.rowcount == 1)
+
+    _try_key_locks = (
+        "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN pg_try_advisory_xact_lock(%s) END"
+    )
 
     @cached_property
-    def _get_or_insert_claim(self) -> str:
-        return self._get_or_insert(self._insert_claim)
-
-    @cached_property
-    def _get_or_insert_leased(self) -> str:
-        return self._get_or_insert(self._insert_leased)
+    def _insert_completed(self) -> str:
+        columns = ", ".join(self._q(name) for name in _COMPLETED_COLUMNS)
+        now = self.now
+        values = f"%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {now}, {now}, {self.later()}"
+        return self.insert_ignoring_duplicates(self._table, columns, values)
 
 
 class MysqlStatements(SqlStatements):
@@ -529,6 +543,45 @@ _INSERTED_COLUMNS = (
     "expires_at",
     "lease_until",
 )
+
+
+#: The columns of an advisory claim's completed row, in the order of its values.
+_COMPLETED_COLUMNS = (
+    "scope",
+    "key",
+    "state",
+    "fingerprint",
+    "method",
+    "path",
+    "owner_token",
+    "response_status",
+    "response_headers",
+    "response_body",
+    "created_at",
+    "completed_at",
+    "expires_at",
+)
+
+
+def _sends_several_statements(cursor: Any) -> bool:
+    """Whether ``cursor`` (Django's) sends a text of several statements in one round trip
+    and reads each one's result (``nextset()``): psycopg 3's client-side binding, Django's
+    default. Server-side binding (``"server_side_binding": True``) sends one statement at a
+    time, and psycopg2 cannot read past the first result."""
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(getattr(cursor, "cursor", None), psycopg.ClientCursor)
+
+
+def advisory_lock_id(values: list[str]) -> int:
+    """A signed 64-bit PostgreSQL advisory lock id for ``values`` (a SHA-256 prefix).
+
+    Two different keys share an id with a chance of about 2^-64 per pair: they would then
+    exclude each other while both are in flight (one answered 409), never run twice.
+    """
+    return int.from_bytes(bytes.fromhex(digest(values)[:16]), "big", signed=True)
 
 
 def _owner(claim: ClaimRequest) -> list[str]:

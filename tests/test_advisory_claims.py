@@ -1,0 +1,215 @@
+"""PostgreSQL's advisory claims (``DatabaseStore.claims``, docs/modes.md "Advisory claims").
+
+On PostgreSQL with the plain-SQL statements, the atomic mode claims an absent key with two
+transaction-level advisory locks and writes the key's row once, completed, in the commit that
+also commits the view's writes. These tests race real threads against a real PostgreSQL; the
+contract's answers under the same races (409 for the same request in flight, 422 for a
+different one, one run for 16 simultaneous duplicates, a killed worker) are asserted by
+``tests/test_concurrency.py``, which runs with advisory claims on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection, connections
+
+from django_idempotency.checks import ensure_valid_settings
+from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import DatabaseStore
+from django_idempotency.stores import sql as sql_statements
+from tests import race_views
+from tests.models import Charge
+from tests.test_concurrency import (
+    TIMEOUT,
+    Background,
+    assert_fresh_run,
+    assert_in_progress,
+    assert_ran_once,
+    assert_replay_of,
+    new_client,
+    new_key,
+    new_note,
+    post,
+    race,
+    target,
+)
+
+pytestmark = [
+    pytest.mark.concurrency,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        connection.vendor != "postgresql",
+        reason="advisory claims are PostgreSQL's: set DATABASE_URL to a PostgreSQL server",
+    ),
+]
+
+
+class RowClaimsStore(DatabaseStore):
+    """The claim row committed before the view, as on MariaDB: ``claims = "rows"``."""
+
+    claims = "rows"
+
+
+class MisspelledClaimsStore(DatabaseStore):
+    claims = "advisory"  # type: ignore[assignment]
+
+
+def key_row(key: str) -> tuple[str, int] | None:
+    """The key's state and the id of the transaction that wrote its row version."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT state, xmin::text::bigint FROM django_idempotency_idempotencykey "
+            "WHERE key = %s",
+            [key],
+        )
+        return cursor.fetchone()
+
+
+def charge_writer(note: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT xmin::text::bigint FROM tests_charge WHERE note = %s", [note])
+        (writer,) = cursor.fetchone()
+        return int(writer)
+
+
+def test_an_in_flight_key_has_no_row_and_one_commit_writes_it_with_the_views_writes():
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=1.0)
+    holder = Background(lambda: post(new_client(), url, key))
+    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
+    try:
+        in_flight = key_row(key)
+    finally:
+        original = holder.result()
+
+    assert in_flight is None  # held by advisory locks, not by a committed claim row
+    assert_fresh_run(original)
+    state, writer = key_row(key)
+    # Inserted completed by the transaction that wrote the view's charge: one row version,
+    # one commit for both.
+    assert state == "completed"
+    assert writer == charge_writer(note)
+    assert_replay_of(post(new_client(), url, key), original)
+
+
+def test_rows_claims_keep_an_in_flight_claim_row_on_postgresql(settings):
+    settings.IDEMPOTENCY_STORE = "tests.test_advisory_claims.RowClaimsStore"
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=1.0)
+    holder = Background(lambda: post(new_client(), url, key))
+    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
+    try:
+        in_flight = key_row(key)
+        duplicate = post(new_client(), url, key)
+    finally:
+        original = holder.result()
+
+    assert in_flight is not None
+    assert in_flight[0] == "in_progress"
+    assert_in_progress(duplicate)
+    assert_fresh_run(original)
+    assert key_row(key)[1] == charge_writer(note)  # the claim row, updated in the view's
+    assert race_views.runs(note) == 1
+
+
+@pytest.fixture
+def server_side_binding():
+    """psycopg's server-side binding for every new connection (one statement per round trip)."""
+    options = connections["default"].settings_dict.setdefault("OPTIONS", {})
+    options["server_side_binding"] = True
+    try:
+        yield
+    finally:
+        del options["server_side_binding"]
+
+
+@pytest.mark.usefixtures("server_side_binding")
+def test_with_server_side_binding_the_locks_and_the_read_go_apart_and_still_run_once():
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=0.3)
+
+    answers = race(lambda client, _: post(client, url, key))
+
+    assert_ran_once(answers, note)
+    assert all(answer.status in (201, 409) for answer in answers), answers
+
+
+@pytest.mark.usefixtures("server_side_binding")
+def test_with_server_side_binding_a_different_request_in_flight_gets_422():
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=1.0)
+    holder = Background(lambda: post(new_client(), url, key))
+    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
+    try:
+        other = new_client().post(
+            url, {"amount": 8}, content_type="application/json", headers={"Idempotency-Key": key}
+        )
+    finally:
+        original = holder.result()
+
+    assert other.status_code == 422, other.content
+    assert_fresh_run(original)
+    assert race_views.runs(note) == 1
+
+
+def test_two_keys_whose_lock_ids_collide_exclude_each_other_and_never_run_twice(monkeypatch):
+    # A 64-bit collision, forced: every key gets the same two lock ids.
+    monkeypatch.setattr(sql_statements, "advisory_lock_id", lambda values: len(values))
+    first_key, second_key, note = new_key(), new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=1.0)
+    holder = Background(lambda: post(new_client(), url, first_key))
+    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
+    try:
+        excluded = post(new_client(), url, second_key)
+    finally:
+        original = holder.result()
+
+    assert_in_progress(excluded)  # excluded while the other key is in flight...
+    assert_fresh_run(original)
+    retried = post(new_client(), url, second_key)
+    assert_fresh_run(retried)  # ...and a key of its own once it has finished
+    assert race_views.runs(note) == 2
+    assert_replay_of(post(new_client(), url, first_key), original)
+
+
+def test_a_lease_mode_claim_under_an_atomic_ones_locks_rolls_the_atomic_one_back():
+    # The lease mode takes no advisory lock: a lease-mode view claiming the key of an
+    # in-flight atomic-mode request inserts a row, and runs. The atomic one then cannot
+    # store its response; it must not commit its writes either.
+    key, atomic_note, lease_note = new_key(), new_note(), new_note()
+    atomic_url = target("/race/atomic/", atomic_note, sleep=1.0)
+    holder = Background(lambda: post(new_client(), atomic_url, key))
+    assert race_views.entered(atomic_note).wait(TIMEOUT), "the atomic request never ran"
+    try:
+        lease = post(new_client(), target("/race/lease/", lease_note), key)
+    finally:
+        atomic = holder.result()
+
+    assert_fresh_run(lease)
+    assert atomic.status == 503, atomic
+    assert atomic.code == "idempotency_store_unavailable"
+    assert Charge.objects.filter(note=atomic_note).count() == 0  # rolled back
+    assert Charge.objects.filter(note=lease_note).count() == 1
+    retry = new_client().post(
+        atomic_url, {"amount": 7}, content_type="application/json", headers={"Idempotency-Key": key}
+    )
+    assert retry.status_code == 422  # the key now holds the lease-mode request's answer
+    assert json.loads(retry.content)["code"] == "idempotency_key_mismatch"
+    assert IdempotencyKey.objects.filter(key=key).count() == 1
+
+
+def test_a_claims_value_that_is_not_auto_or_rows_fails_the_store_check(settings):
+    settings.IDEMPOTENCY_STORE = "tests.test_advisory_claims.MisspelledClaimsStore"
+
+    errors = [m for m in checks.run_checks() if m.id == "django_idempotency.E007"]
+
+    assert [error.msg for error in errors] == [
+        "IDEMPOTENCY_STORE names 'tests.test_advisory_claims.MisspelledClaimsStore', whose "
+        "claims must be 'auto' or 'rows', not 'advisory' (str)."
+    ]
+    with pytest.raises(ImproperlyConfigured, match="claims must be 'auto' or 'rows'"):
+        ensure_valid_settings()  # the first covered request, where no check ran
