@@ -203,7 +203,9 @@ class Execution:
             self.run.finish(None)  # ends the run: the key is freed
         elif state is State.CLAIMED:
             render(request, response)
-            error = self.run.finish(stored_response(response, self.options.statuses))
+            # The response is the last thing the run stores: the atomic mode's transaction
+            # may commit with it.
+            error = self.run.finish(stored_response(response, self.options.statuses), ending=True)
             if error is not None:
                 return error_response(error)
             if self.run.replayable:

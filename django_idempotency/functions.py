@@ -183,7 +183,7 @@ class IdempotentCall:
         replayed or saved already. Returns ``result`` as given."""
         if not self.replayed and not self._saved:
             try:
-                self.save(result)
+                self._save(result, ending=True)
             except BaseException:
                 self._run.abort()
                 raise
@@ -206,6 +206,11 @@ class IdempotentCall:
         That is, as the serializer gives it back (JSON: a tuple becomes a list, a ``Decimal``
         a string), on the first call as on every replay.
         """
+        return self._save(result, ending=False)
+
+    def _save(self, result: Any, *, ending: bool) -> Any:
+        """:meth:`save`; ``ending``: the block ends right after (so the atomic mode's
+        transaction may commit with the result)."""
         if self.replayed:
             raise RuntimeError("This call was replayed: there is nothing to save.")
         if self._saved:
@@ -226,7 +231,9 @@ class IdempotentCall:
             ) from exc
         # Too large: later calls get IdempotencyResponseNotStored; the call is done all the same.
         body = data if len(data) <= conf.IDEMPOTENCY_MAX_RESPONSE_SIZE else None
-        error = self._run.finish(StoredResponse(status=200, headers=headers, body=body))
+        error = self._run.finish(
+            StoredResponse(status=200, headers=headers, body=body), ending=ending
+        )
         if error is not None:
             raise error  # the atomic mode rolled the work back: nothing happened
         self._saved = True

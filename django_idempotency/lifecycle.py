@@ -200,12 +200,16 @@ class Run:
         _signal("key_claimed", store, context, claim, mode=mode)
         return None
 
-    def finish(self, stored: StoredResponse | None) -> IdempotencyStoreUnavailable | None:
+    def finish(
+        self, stored: StoredResponse | None, *, ending: bool = False
+    ) -> IdempotencyStoreUnavailable | None:
         """Store the work's outcome, or release the key for ``None`` (nothing to store).
 
         Returns the store's failure when it left nothing behind (the atomic mode rolled the
         work back), for the adapter to report; ``None`` otherwise. In the lease mode the run
-        ends here; in the atomic mode when its block ends, which commits the transaction.
+        ends here; in the atomic mode when its block ends, which commits the transaction, or
+        here too with ``ending``: the caller does nothing more in the transaction, so the store
+        may commit it with the stored outcome (``complete_and_commit``).
         """
         if self.state is State.FAILED:
             self.end()
@@ -216,7 +220,7 @@ class Run:
             if stored is None:
                 self._to(State.FAILED)
             else:
-                self._complete(stored)
+                self._complete(stored, ending=ending)
         except IdempotencyStoreUnavailable as exc:
             if self._transaction is None:
                 # Lease mode: the work has run and committed; its outcome is the truth. The
@@ -231,7 +235,7 @@ class Run:
             self._to(State.FAILED)
             self.end()
             return exc
-        if self._transaction is None:
+        if self._transaction is None or ending:
             self.end()
         return None
 
@@ -282,12 +286,15 @@ class Run:
             )
         self._stored = None
 
-    def _complete(self, stored: StoredResponse) -> None:
+    def _complete(self, stored: StoredResponse, *, ending: bool) -> None:
         claim, store = cast(ClaimRequest, self._claim), cast(Store, self._store)
         if self._heartbeat is not None:
             self._heartbeat.stop()
         stored = encryption.for_storage(stored, claim, self._context)  # redacted, sealed
-        if store.complete(claim, stored):
+        complete = store.complete
+        if ending and self._transaction is not None:
+            complete = getattr(store, "complete_and_commit", complete)
+        if complete(claim, stored):
             self._stored = stored
             self.replayable = stored.body is not None
         else:

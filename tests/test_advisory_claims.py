@@ -16,8 +16,10 @@ import pytest
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
 
 from django_idempotency.checks import ensure_valid_settings
+from django_idempotency.functions import idempotent_call
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import DatabaseStore
 from django_idempotency.stores import sql as sql_statements
@@ -30,6 +32,7 @@ from tests.test_concurrency import (
     assert_in_progress,
     assert_ran_once,
     assert_replay_of,
+    atomic_requests,  # noqa: F401 (a fixture)
     new_client,
     new_key,
     new_note,
@@ -213,3 +216,78 @@ def test_a_claims_value_that_is_not_auto_or_rows_fails_the_store_check(settings)
     ]
     with pytest.raises(ImproperlyConfigured, match="claims must be 'auto' or 'rows'"):
         ensure_valid_settings()  # the first covered request, where no check ran
+
+
+# -- The completed row and the COMMIT in one round trip --------------------------------------
+
+KEYS_TABLE = '"django_idempotency_idempotencykey"'
+
+
+def completions(queries: list[dict[str, str]]) -> list[str]:
+    return [q["sql"] for q in queries if q["sql"].startswith(f"INSERT INTO {KEYS_TABLE}")]
+
+
+def test_the_completed_row_and_the_commit_go_in_one_round_trip():
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note)
+
+    with CaptureQueriesContext(connection) as captured:
+        first = post(new_client(), url, key)
+
+    assert_fresh_run(first)
+    [completion] = completions(captured.captured_queries)
+    assert completion.endswith("; COMMIT")
+    assert key_row(key)[1] == charge_writer(note)  # committed together, by that statement
+    assert_replay_of(post(new_client(), url, key), first)
+
+
+def test_a_call_block_commits_with_its_result_when_it_ends_and_not_before():
+    with (
+        CaptureQueriesContext(connection) as captured,
+        idempotent_call("invoice-1", scope="billing") as call,
+    ):
+        Charge.objects.create(amount=1, note="saved")
+        call.save({"sent": True})
+        in_block = len(completions(captured.captured_queries))
+        Charge.objects.create(amount=2, note="after the save")
+    # save() inside the block did not commit: the block's later writes are in the same
+    # transaction, which committed (with the result) when the block ended.
+    [completion] = completions(captured.captured_queries)
+    assert in_block == 1
+    assert not completion.endswith("; COMMIT")
+    assert Charge.objects.filter(note__in=["saved", "after the save"]).count() == 2
+
+    def fails_after_its_save() -> None:
+        with idempotent_call("invoice-2", scope="billing") as call:
+            Charge.objects.create(amount=3, note="rolled back")
+            call.save({"sent": True})
+            raise KeyError("the block fails after its save")
+
+    with pytest.raises(KeyError):
+        fails_after_its_save()
+    assert Charge.objects.filter(note="rolled back").count() == 0
+    assert IdempotencyKey.objects.filter(key="invoice-2").count() == 0
+
+    with (
+        CaptureQueriesContext(connection) as captured,
+        idempotent_call("invoice-3", scope="billing"),
+    ):
+        Charge.objects.create(amount=4, note="ends without a save")
+    [completion] = completions(captured.captured_queries)
+    assert completion.endswith("; COMMIT")
+    assert key_row("invoice-3")[1] == charge_writer("ends without a save")
+
+
+@pytest.mark.usefixtures("atomic_requests")
+def test_under_atomic_requests_the_request_transaction_is_never_committed_early():
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note)
+
+    with CaptureQueriesContext(connection) as captured:
+        first = post(new_client(), url, key)
+
+    assert_fresh_run(first)
+    [completion] = completions(captured.captured_queries)
+    assert not completion.endswith("; COMMIT")  # Django commits the request's transaction
+    assert key_row(key)[1] == charge_writer(note)
+    assert_replay_of(post(new_client(), url, key), first)

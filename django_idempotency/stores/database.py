@@ -127,6 +127,17 @@ class DatabaseStore:
             yield record
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        return self._complete(claim, response, commit=False)
+
+    def complete_and_commit(self, claim: ClaimRequest, response: StoredResponse) -> bool:
+        """:meth:`complete` as the last statement of the atomic mode's transaction, which the
+        caller ends right after. With advisory claims, psycopg's client-side binding and no
+        transaction around ours (``ATOMIC_REQUESTS``), the completed row's ``INSERT`` and the
+        ``COMMIT`` go in one round trip; Django's own commit then has nothing left to send,
+        and runs the ``on_commit`` callbacks as ever."""
+        return self._complete(claim, response, commit=True)
+
+    def _complete(self, claim: ClaimRequest, response: StoredResponse, *, commit: bool) -> bool:
         alias = self._alias()
         with translate_errors(alias):
             statements = self._statements(alias)
@@ -134,7 +145,9 @@ class DatabaseStore:
             if claim.token not in unwritten:
                 return statements.complete(claim, response)
             unwritten.discard(claim.token)
-            if cast(PostgresqlStatements, statements).insert_completed(claim, response):
+            commit = commit and _sole_transaction(alias)
+            advisory = cast(PostgresqlStatements, statements)
+            if advisory.insert_completed(claim, response, commit=commit):
                 return True
         # A row appeared under our advisory locks: only a lease-mode claim of the same key
         # (the lease mode takes no advisory lock) inserts one. Its request runs, so ours
@@ -221,6 +234,17 @@ def _unwritten(alias: str) -> set[str]:
 _UNWRITTEN = "_django_idempotency_unwritten"
 
 
+def _sole_transaction(alias: str) -> bool:
+    """Whether the connection's one atomic block is a transaction (ours) that nothing has
+    marked for rollback, and holds no savepoint: committing it early commits only it."""
+    connection = connections[alias]
+    return (
+        len(connection.atomic_blocks) == 1
+        and not connection.savepoint_ids
+        and not connection.needs_rollback
+    )
+
+
 class ReplayCached:
     """The store's statements with the replay cache (``IDEMPOTENCY_REPLAY_CACHE``) in front.
 
@@ -280,8 +304,11 @@ class ReplayCached:
     def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
         return cast(PostgresqlStatements, self._statements).try_key_locks(claim)
 
-    def insert_completed(self, claim: ClaimRequest, response: StoredResponse) -> bool:
-        inserted = cast(PostgresqlStatements, self._statements).insert_completed(claim, response)
+    def insert_completed(
+        self, claim: ClaimRequest, response: StoredResponse, *, commit: bool = False
+    ) -> bool:
+        advisory = cast(PostgresqlStatements, self._statements)
+        inserted = advisory.insert_completed(claim, response, commit=commit)
         if inserted:
             self._remember_on_commit(claim, response)
         return inserted

@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Any, Literal, NamedTuple, Protocol
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.constants import OnConflict
 from django.db.models.functions import Now
@@ -422,8 +422,15 @@ class PostgresqlStatements(SqlStatements):
                 found = cursor.fetchone()
         return locked, None if found is None else self._record(found)
 
-    def insert_completed(self, claim: ClaimRequest, response: StoredResponse) -> bool:
-        """Insert the key's row, completed; ``False`` if a row for the key exists already."""
+    def insert_completed(
+        self, claim: ClaimRequest, response: StoredResponse, *, commit: bool = False
+    ) -> bool:
+        """Insert the key's row, completed; ``False`` if a row for the key exists already.
+
+        With ``commit``, the transaction's ``COMMIT`` goes in the same round trip where the
+        cursor can send both (:func:`_sends_several_statements`): the insert then fails on a
+        duplicate instead of doing nothing, so that the ``COMMIT`` never runs after it.
+        """
         headers = [list(header) for header in response.headers]
         params = [
             claim.scope,
@@ -439,6 +446,14 @@ class PostgresqlStatements(SqlStatements):
             self.duration(claim.ttl),
         ]
         with self.connection.cursor() as cursor:
+            if commit and _sends_several_statements(cursor):
+                try:
+                    cursor.execute(f"{self._insert_completed_strictly}; COMMIT", params)
+                except IntegrityError as exc:
+                    if getattr(exc.__cause__, "sqlstate", None) == "23505":  # unique_violation
+                        return False
+                    raise
+                return True
             cursor.execute(self._insert_completed, params)
             return bool(cursor.rowcount == 1)
 
@@ -447,11 +462,15 @@ class PostgresqlStatements(SqlStatements):
     )
 
     @cached_property
-    def _insert_completed(self) -> str:
+    def _insert_completed_strictly(self) -> str:
         columns = ", ".join(self._q(name) for name in _COMPLETED_COLUMNS)
         now = self.now
         values = f"%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {now}, {now}, {self.later()}"
-        return self.insert_ignoring_duplicates(self._table, columns, values)
+        return f"INSERT INTO {self._table} ({columns}) VALUES ({values})"
+
+    @cached_property
+    def _insert_completed(self) -> str:
+        return f"{self._insert_completed_strictly} ON CONFLICT DO NOTHING"
 
 
 class MysqlStatements(SqlStatements):
