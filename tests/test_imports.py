@@ -44,6 +44,8 @@ FUNCTION_LEVEL_IMPORTS = {
     ("django_idempotency.stores.cache", "redis.exceptions.RedisError"): "optional dependency",
     ("django_idempotency.stores.cache", "redis.exceptions.AskError"): "optional dependency",
     ("django_idempotency.stores.cache", "redis.cluster.RedisCluster"): "optional dependency",
+    # psycopg 3 is PostgreSQL's driver: absent on MariaDB/SQLite-only installs (psycopg2 too).
+    ("django_idempotency.stores.sql", "psycopg"): "optional dependency",
     # cryptography is the `encryption` extra, imported only once keys are configured.
     ("django_idempotency.encryption", "cryptography.fernet.Fernet"): "optional dependency",
     ("django_idempotency.encryption", "cryptography.fernet.MultiFernet"): "optional dependency",
