@@ -1218,6 +1218,25 @@ def targets(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def prepare(script: str, arguments: argparse.Namespace, **defaults: int) -> None:
+    """Fill the timing options left unset (``--quick``: short, one round) and ``defaults``,
+    check that wrk is installed, and make SIGTERM unwind like Ctrl-C, through the ``finally``
+    that stops every server."""
+    quick = arguments.quick
+    defaults = {
+        "duration": 1 if quick else 4,
+        "rounds": 1 if quick else 3,
+        "warmup": 0 if quick else 1,
+        **defaults,
+    }
+    for name, value in defaults.items():
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, value)
+    if subprocess.run(["which", "wrk"], capture_output=True).returncode:
+        raise SystemExit(f"{script}: wrk is missing: apt-get install -y wrk")
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1253,20 +1272,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
     arguments = parser.parse_args()
     quick = arguments.quick
-    defaults = {
-        "duration": 1 if quick else 4,
-        "rounds": 1 if quick else 3,
-        "warmup": 0 if quick else 1,
-        "replay_keys": 50 if quick else 200,
-        "large_keys": 10_000 if quick else 1_000_000,
-    }
-    for name, value in defaults.items():
-        if getattr(arguments, name) is None:
-            setattr(arguments, name, value)
-    if subprocess.run(["which", "wrk"], capture_output=True).returncode:
-        raise SystemExit("load_benchmark: wrk is missing: apt-get install -y wrk")
-    # SIGTERM unwinds like Ctrl-C, through the finally that stops every server.
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    prepare(
+        "load_benchmark",
+        arguments,
+        replay_keys=50 if quick else 200,
+        large_keys=10_000 if quick else 1_000_000,
+    )
     result = run(arguments)
     figures = report(arguments, result)
     print()

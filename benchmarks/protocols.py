@@ -36,7 +36,6 @@ Writes its table into docs/scaling.md (unless ``--no-docs``) and drops its datab
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from load_benchmark import (
     Scenario,
     Server,
     milliseconds,
+    prepare,
     say,
     stop_all_children,
 )
@@ -281,17 +281,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
     arguments = parser.parse_args()
     arguments.database = "postgresql"
-    quick = arguments.quick
-    for name, value in {
-        "duration": 1 if quick else 4,
-        "rounds": 1 if quick else 3,
-        "warmup": 0 if quick else 1,
-    }.items():
-        if getattr(arguments, name) is None:
-            setattr(arguments, name, value)
-    if subprocess.run(["which", "wrk"], capture_output=True).returncode:
-        raise SystemExit("protocols: wrk is missing: apt-get install -y wrk")
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    prepare("protocols", arguments)
     result = run(arguments)
     table = report(arguments, result)
     print()

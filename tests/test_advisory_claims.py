@@ -11,6 +11,8 @@ different one, one run for 16 simultaneous duplicates, a killed worker) are asse
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from django.core import checks
@@ -26,8 +28,7 @@ from django_idempotency.stores import sql as sql_statements
 from tests import race_views
 from tests.models import Charge
 from tests.test_concurrency import (
-    TIMEOUT,
-    Background,
+    Answer,
     assert_fresh_run,
     assert_in_progress,
     assert_ran_once,
@@ -37,8 +38,10 @@ from tests.test_concurrency import (
     new_key,
     new_note,
     post,
+    post_different,
     race,
     target,
+    while_in_flight,
 )
 
 pytestmark = [
@@ -82,12 +85,7 @@ def charge_writer(note: str) -> int:
 def test_an_in_flight_key_has_no_row_and_one_commit_writes_it_with_the_views_writes():
     key, note = new_key(), new_note()
     url = target("/race/atomic/", note, sleep=1.0)
-    holder = Background(lambda: post(new_client(), url, key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
-        in_flight = key_row(key)
-    finally:
-        original = holder.result()
+    in_flight, original = while_in_flight(url, key, note, lambda: key_row(key))
 
     assert in_flight is None  # held by advisory locks, not by a committed claim row
     assert_fresh_run(original)
@@ -103,13 +101,11 @@ def test_rows_claims_keep_an_in_flight_claim_row_on_postgresql(settings):
     settings.IDEMPOTENCY_STORE = "tests.test_advisory_claims.RowClaimsStore"
     key, note = new_key(), new_note()
     url = target("/race/atomic/", note, sleep=1.0)
-    holder = Background(lambda: post(new_client(), url, key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
-        in_flight = key_row(key)
-        duplicate = post(new_client(), url, key)
-    finally:
-        original = holder.result()
+
+    def row_and_duplicate() -> tuple[Any, Answer]:
+        return key_row(key), post(new_client(), url, key)
+
+    (in_flight, duplicate), original = while_in_flight(url, key, note, row_and_duplicate)
 
     assert in_flight is not None
     assert in_flight[0] == "in_progress"
@@ -145,14 +141,7 @@ def test_with_server_side_binding_the_locks_and_the_read_go_apart_and_still_run_
 def test_with_server_side_binding_a_different_request_in_flight_gets_422():
     key, note = new_key(), new_note()
     url = target("/race/atomic/", note, sleep=1.0)
-    holder = Background(lambda: post(new_client(), url, key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
-        other = new_client().post(
-            url, {"amount": 8}, content_type="application/json", headers={"Idempotency-Key": key}
-        )
-    finally:
-        original = holder.result()
+    other, original = while_in_flight(url, key, note, lambda: post_different(url, key))
 
     assert other.status_code == 422, other.content
     assert_fresh_run(original)
@@ -164,12 +153,9 @@ def test_two_keys_whose_lock_ids_collide_exclude_each_other_and_never_run_twice(
     monkeypatch.setattr(sql_statements, "advisory_lock_id", lambda values: len(values))
     first_key, second_key, note = new_key(), new_key(), new_note()
     url = target("/race/atomic/", note, sleep=1.0)
-    holder = Background(lambda: post(new_client(), url, first_key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
-        excluded = post(new_client(), url, second_key)
-    finally:
-        original = holder.result()
+    excluded, original = while_in_flight(
+        url, first_key, note, lambda: post(new_client(), url, second_key)
+    )
 
     assert_in_progress(excluded)  # excluded while the other key is in flight...
     assert_fresh_run(original)
@@ -185,12 +171,10 @@ def test_a_lease_mode_claim_under_an_atomic_ones_locks_rolls_the_atomic_one_back
     # store its response; it must not commit its writes either.
     key, atomic_note, lease_note = new_key(), new_note(), new_note()
     atomic_url = target("/race/atomic/", atomic_note, sleep=1.0)
-    holder = Background(lambda: post(new_client(), atomic_url, key))
-    assert race_views.entered(atomic_note).wait(TIMEOUT), "the atomic request never ran"
-    try:
-        lease = post(new_client(), target("/race/lease/", lease_note), key)
-    finally:
-        atomic = holder.result()
+    lease_url = target("/race/lease/", lease_note)
+    lease, atomic = while_in_flight(
+        atomic_url, key, atomic_note, lambda: post(new_client(), lease_url, key)
+    )
 
     assert_fresh_run(lease)
     assert atomic.status == 503, atomic
@@ -227,7 +211,9 @@ def completions(queries: list[dict[str, str]]) -> list[str]:
     return [q["sql"] for q in queries if q["sql"].startswith(f"INSERT INTO {KEYS_TABLE}")]
 
 
-def test_the_completed_row_and_the_commit_go_in_one_round_trip():
+def first_execution(check_completion: Callable[[str], None]) -> None:
+    """A first execution of the atomic race view, its completing INSERT checked by
+    ``check_completion``, then the row it committed and a retry's replay."""
     key, note = new_key(), new_note()
     url = target("/race/atomic/", note)
 
@@ -236,9 +222,16 @@ def test_the_completed_row_and_the_commit_go_in_one_round_trip():
 
     assert_fresh_run(first)
     [completion] = completions(captured.captured_queries)
-    assert completion.endswith("; COMMIT")
-    assert key_row(key)[1] == charge_writer(note)  # committed together, by that statement
+    check_completion(completion)
+    assert key_row(key)[1] == charge_writer(note)
     assert_replay_of(post(new_client(), url, key), first)
+
+
+def test_the_completed_row_and_the_commit_go_in_one_round_trip():
+    def fused(completion: str) -> None:
+        assert completion.endswith("; COMMIT")  # the row commits with the view's writes
+
+    first_execution(fused)
 
 
 def test_a_call_block_commits_with_its_result_when_it_ends_and_not_before():
@@ -280,14 +273,7 @@ def test_a_call_block_commits_with_its_result_when_it_ends_and_not_before():
 
 @pytest.mark.usefixtures("atomic_requests")
 def test_under_atomic_requests_the_request_transaction_is_never_committed_early():
-    key, note = new_key(), new_note()
-    url = target("/race/atomic/", note)
+    def not_fused(completion: str) -> None:
+        assert not completion.endswith("; COMMIT")  # Django commits the request's transaction
 
-    with CaptureQueriesContext(connection) as captured:
-        first = post(new_client(), url, key)
-
-    assert_fresh_run(first)
-    [completion] = completions(captured.captured_queries)
-    assert not completion.endswith("; COMMIT")  # Django commits the request's transaction
-    assert key_row(key)[1] == charge_writer(note)
-    assert_replay_of(post(new_client(), url, key), first)
+    first_execution(not_fused)

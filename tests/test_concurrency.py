@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -63,6 +63,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 DUPLICATES = 16
 VIEW_SECONDS = 0.4
+T = TypeVar("T")
 TIMEOUT = 20  # seconds: a stuck thread or process fails its test instead of hanging the run
 BODY = {"amount": 7}
 
@@ -226,6 +227,25 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def while_in_flight(url: str, key: str, note: str, during: Callable[[], T]) -> tuple[T, Answer]:
+    """POST ``url`` with ``key`` in the background and, once its view has started (``note``),
+    call ``during``: what ``during`` returned, and the background request's answer."""
+    holder = Background(lambda: post(new_client(), url, key))
+    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
+    try:
+        seen = during()
+    finally:
+        original = holder.result()
+    return seen, original
+
+
+def post_different(url: str, key: str) -> Any:
+    """A different request (another amount) with ``key``: Django's test response."""
+    return new_client().post(
+        url, {"amount": 8}, content_type="application/json", headers={"Idempotency-Key": key}
+    )
 
 
 # -- What the answers must look like --------------------------------------------------------
@@ -637,12 +657,7 @@ def test_same_key_from_two_users_at_once_runs_once_per_user_and_never_crosses():
 def test_duplicate_of_a_request_holding_the_row_lock_gets_409_at_once(url):
     key, note = new_key(), new_note()
     url = target(url, note, sleep=1.5)
-    holder = Background(lambda: post(new_client(), url, key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
-        duplicate = post(new_client(), url, key)
-    finally:
-        original = holder.result()
+    duplicate, original = while_in_flight(url, key, note, lambda: post(new_client(), url, key))
 
     assert_in_progress(duplicate)
     assert duplicate.elapsed < 0.5, duplicate  # the view holds the lock for 1.5 s
@@ -661,16 +676,12 @@ def test_duplicate_of_a_request_holding_the_row_lock_gets_409_at_once(url):
 def test_different_request_with_the_key_of_a_running_one_gets_422_at_once(url):
     key, note = new_key(), new_note()
     url = target(url, note, sleep=1.5)
-    holder = Background(lambda: post(new_client(), url, key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
+
+    def different() -> tuple[Any, float]:
         started = time.monotonic()
-        other = new_client().post(
-            url, {"amount": 8}, content_type="application/json", headers={"Idempotency-Key": key}
-        )
-        elapsed = time.monotonic() - started
-    finally:
-        original = holder.result()
+        return post_different(url, key), time.monotonic() - started
+
+    (other, elapsed), original = while_in_flight(url, key, note, different)
 
     # Not 409: a retry of this request could never succeed with this key.
     assert other.status_code == 422, other.content
@@ -684,12 +695,8 @@ def test_waiting_duplicate_runs_the_view_when_the_first_request_crashes():
     key, note = new_key(), new_note()
     url = target("/race/wait/", note, sleep=0.6)
     race_views.fail_next_run(note)  # the first run raises after writing its effect row
-    crashing = Background(lambda: post(new_client(), url, key))
-    assert race_views.entered(note).wait(TIMEOUT), "the first request never reached its view"
-    try:
-        waiting = post(new_client(), url, key)  # waits on the first request's row lock
-    finally:
-        crashed = crashing.result()
+    # The duplicate waits on the first request's row lock.
+    waiting, crashed = while_in_flight(url, key, note, lambda: post(new_client(), url, key))
 
     assert crashed.status == 500
     assert_fresh_run(waiting)

@@ -257,16 +257,7 @@ class SqlStatements(OrmStatements):
         return None if found is None else self._record(found)
 
     def insert(self, claim: ClaimRequest, *, lease: timedelta | None) -> bool:
-        params = [
-            claim.scope,
-            claim.key,
-            IN_PROGRESS,
-            claim.fingerprint,
-            claim.method,
-            claim.path,
-            claim.token,
-            self.duration(claim.ttl),
-        ]
+        params = [*claim_values(claim, IN_PROGRESS), self.duration(claim.ttl)]
         if lease is None:
             return self._insert(self._insert_claim, params)
         return self._insert(self._insert_leased, [*params, self.duration(lease)])
@@ -277,12 +268,9 @@ class SqlStatements(OrmStatements):
             return cursor.fetchone() is not None
 
     def complete(self, claim: ClaimRequest, response: StoredResponse) -> bool:
-        headers = [list(header) for header in response.headers]
         params = [
             COMPLETED,
-            response.status,
-            _HEADERS.get_db_prep_save(headers, self.connection),
-            _BODY.get_db_prep_save(response.body, self.connection),
+            *self._response_values(response),
             self.duration(claim.ttl),
             *_owner(claim),
         ]
@@ -343,6 +331,15 @@ class SqlStatements(OrmStatements):
             f"{q('completed_at')} = {now}, {q('expires_at')} = {self.later()}, "
             f"{q('lease_until')} = NULL WHERE {self._where_owned}"
         )
+
+    def _response_values(self, response: StoredResponse) -> list[Any]:
+        """The values of ``_RESPONSE_COLUMNS`` for ``response``, as this database stores them."""
+        headers = [list(header) for header in response.headers]
+        return [
+            response.status,
+            _HEADERS.get_db_prep_save(headers, self.connection),
+            _BODY.get_db_prep_save(response.body, self.connection),
+        ]
 
     def _record(self, row: tuple[Any, ...]) -> Record:
         """The :class:`Record` of a row of :attr:`_get`."""
@@ -431,18 +428,9 @@ class PostgresqlStatements(SqlStatements):
         cursor can send both (:func:`_sends_several_statements`): the insert then fails on a
         duplicate instead of doing nothing, so that the ``COMMIT`` never runs after it.
         """
-        headers = [list(header) for header in response.headers]
         params = [
-            claim.scope,
-            claim.key,
-            COMPLETED,
-            claim.fingerprint,
-            claim.method,
-            claim.path,
-            claim.token,
-            response.status,
-            _HEADERS.get_db_prep_save(headers, self.connection),
-            _BODY.get_db_prep_save(response.body, self.connection),
+            *claim_values(claim, COMPLETED),
+            *self._response_values(response),
             self.duration(claim.ttl),
         ]
         with self.connection.cursor() as cursor:
@@ -548,38 +536,37 @@ _HEADERS = IdempotencyKey._meta.get_field("response_headers")
 _BODY = IdempotencyKey._meta.get_field("response_body")
 _COLUMNS = {field.name: str(field.column) for field in IdempotencyKey._meta.concrete_fields}
 _RESPONSE_COLUMNS = ("response_status", "response_headers", "response_body")
+#: The columns of :func:`claim_values`, which every inserted row starts with.
+_CLAIM_COLUMNS = ("scope", "key", "state", "fingerprint", "method", "path", "owner_token")
 #: The columns of a plain-SQL insert, in the order of its values.
 _INSERTED_COLUMNS = (
-    "scope",
-    "key",
-    "state",
-    "fingerprint",
-    "method",
-    "path",
-    "owner_token",
+    *_CLAIM_COLUMNS,
     "response_headers",
     "created_at",
     "expires_at",
     "lease_until",
 )
-
-
 #: The columns of an advisory claim's completed row, in the order of its values.
 _COMPLETED_COLUMNS = (
-    "scope",
-    "key",
-    "state",
-    "fingerprint",
-    "method",
-    "path",
-    "owner_token",
-    "response_status",
-    "response_headers",
-    "response_body",
+    *_CLAIM_COLUMNS,
+    *_RESPONSE_COLUMNS,
     "created_at",
     "completed_at",
     "expires_at",
 )
+
+
+def claim_values(claim: ClaimRequest, state: str) -> list[str]:
+    """The values of :data:`_CLAIM_COLUMNS` for a row of ``claim`` in ``state``."""
+    return [
+        claim.scope,
+        claim.key,
+        state,
+        claim.fingerprint,
+        claim.method,
+        claim.path,
+        claim.token,
+    ]
 
 
 def _sends_several_statements(cursor: Any) -> bool:

@@ -21,7 +21,7 @@ from django.db import transaction as db_transaction
 from django_idempotency.records import IN_PROGRESS, ClaimRequest, Record
 from django_idempotency.stores import DatabaseStore
 from django_idempotency.stores.base import owned_record, translate_errors
-from django_idempotency.stores.sql import PostgresqlStatements
+from django_idempotency.stores.sql import PostgresqlStatements, claim_values
 
 
 class InTransactionClaimStore(DatabaseStore):
@@ -45,15 +45,6 @@ def _insert_waiting(alias: str, claim: ClaimRequest) -> bool:
     connection = connections[alias]
     statements = PostgresqlStatements(connection)
     with connection.cursor() as cursor:
-        params = [
-            claim.scope,
-            claim.key,
-            IN_PROGRESS,
-            claim.fingerprint,
-            claim.method,
-            claim.path,
-            claim.token,
-            claim.ttl,
-        ]
+        params = [*claim_values(claim, IN_PROGRESS), statements.duration(claim.ttl)]
         cursor.execute(statements._insert_claim, params)
         return bool(cursor.rowcount == 1)
