@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Claim protocols side by side (issue #16, item 5): what a first execution costs on PostgreSQL.
+"""Claim protocols side by side (issue #16, item 5): what a first execution costs.
 
     .venv/bin/pip install -r requirements/benchmarks.txt    # once: gunicorn, ...
     apt-get install -y wrk                                   # once: the load generator
     .venv/bin/python benchmarks/protocols.py                 # about 6 minutes
     .venv/bin/python benchmarks/protocols.py --quick         # a smoke test, about 2 minutes
     .venv/bin/python benchmarks/protocols.py --before 947f90f --no-docs
+    .venv/bin/python benchmarks/protocols.py --database mariadb   # about 4 minutes
 
 Serves the testproject's ``bench`` app with gunicorn once per protocol, each on a database of
-its own (``idempotency_proto_*`` on ``$BENCH_POSTGRES_URL``, as ``load_benchmark.py``):
+its own (``idempotency_proto_*`` on ``$BENCH_POSTGRES_URL`` or ``$BENCH_MARIADB_URL``, as
+``load_benchmark.py``). On PostgreSQL:
 
 - ``before``: the package as it was at ``--before`` (a git worktree under
   ``benchmarks/.work/``): a read, then a claim row inserted and committed, then locked, the
@@ -21,6 +23,11 @@ its own (``idempotency_proto_*`` on ``$BENCH_POSTGRES_URL``, as ``load_benchmark
   (the admin's and the purge's), to see what those cost a first execution;
 - ``claim in transaction``: ``bench.protocols.InTransactionClaimStore``, the claim row
   inserted inside the view's transaction (``lock_timeout`` 2 s), one commit.
+
+On MariaDB (``--database mariadb``), ``before`` and ``kept`` (row claims on MariaDB, the same
+protocol), and ``GET_LOCK claims``: ``bench.protocols.GetLockClaimStore``, PostgreSQL's
+advisory claims with ``GET_LOCK``, whose locks belong to the session and are released by one
+more statement after the commit.
 
 Scenarios, driven by wrk (``benchmarks/idempotency_keys.lua``) in a rotating order over
 ``--rounds`` rounds: the view without idempotency (one INSERT, served by ``before``), first
@@ -58,7 +65,13 @@ from load_benchmark import (
 )
 
 DOCS = ROOT / "docs" / "scaling.md"
-MARKERS = ("<!-- protocols-benchmark:start -->", "<!-- protocols-benchmark:end -->")
+MARKERS = {
+    "postgresql": ("<!-- protocols-benchmark:start -->", "<!-- protocols-benchmark:end -->"),
+    "mariadb": (
+        "<!-- protocols-benchmark-mariadb:start -->",
+        "<!-- protocols-benchmark-mariadb:end -->",
+    ),
+}
 KEY_TABLE = "django_idempotency_idempotencykey"
 #: Dropped for ``before, 3 indexes``: what the admin and the purge use, not the protocol.
 SPARE_INDEXES = ["idempotency_created_idx", "idempotency_state_lease_idx", "idempotency_key_idx"]
@@ -90,17 +103,21 @@ def build(arguments: argparse.Namespace) -> tuple[list[Server], list[Scenario]]:
     store = "IDEMPOTENCY_STORE"
     port = arguments.port
     old = {"PYTHONPATH": str(before)}
-    setups: list[tuple[str, dict[str, str]]] = [
-        ("before", old),
-        ("kept", {}),
-        ("kept, prepared", {"BENCH_SERVER_SIDE_BINDING": "1"}),
-        ("before, prepared", {**old, "BENCH_SERVER_SIDE_BINDING": "1"}),
-        ("before, 3 indexes", old),
-        (
-            "claim in transaction",
-            {store: "bench.protocols.InTransactionClaimStore", "BENCH_LOCK_TIMEOUT": "2s"},
-        ),
-    ]
+    setups: list[tuple[str, dict[str, str]]] = [("before", old), ("kept", {})]
+    if arguments.database == "mariadb":
+        setups.append(("GET_LOCK claims", {store: "bench.protocols.GetLockClaimStore"}))
+        contenders = ["GET_LOCK claims"]
+    else:
+        setups += [
+            ("kept, prepared", {"BENCH_SERVER_SIDE_BINDING": "1"}),
+            ("before, prepared", {**old, "BENCH_SERVER_SIDE_BINDING": "1"}),
+            ("before, 3 indexes", old),
+            (
+                "claim in transaction",
+                {store: "bench.protocols.InTransactionClaimStore", "BENCH_LOCK_TIMEOUT": "2s"},
+            ),
+        ]
+        contenders = ["claim in transaction"]
     servers = {
         name: Server(
             name,
@@ -126,7 +143,7 @@ def build(arguments: argparse.Namespace) -> tuple[list[Server], list[Scenario]]:
         *(scenario("c", "replays", name, atomic, "replay") for name in ("before", "kept")),
         *(
             scenario("d", "concurrent duplicates", name, atomic, "burst")
-            for name in ("before", "kept", "claim in transaction")
+            for name in ("before", "kept", *contenders)
         ),
         scenario("e", "realistic, no idempotency", "before", "/bench/realistic/baseline/", "fresh"),
         *(
@@ -141,8 +158,6 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
     benchmark = Benchmark(arguments)
     database = benchmark.database
-    if database.kind != "postgresql":
-        raise SystemExit("protocols.py measures PostgreSQL's protocols only")
     started = time.perf_counter()
     servers, scenarios = build(arguments)
     try:
@@ -268,6 +283,7 @@ def report(arguments: argparse.Namespace, result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 s per scenario, one round")
+    parser.add_argument("--database", choices=["postgresql", "mariadb"], default="postgresql")
     parser.add_argument("--before", default="947f90f", help="the code compared (947f90f)")
     parser.add_argument("--duration", type=int, help="seconds per scenario and round (4)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds measured (3)")
@@ -280,14 +296,13 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS.name}")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
     arguments = parser.parse_args()
-    arguments.database = "postgresql"
     prepare("protocols", arguments)
     result = run(arguments)
     table = report(arguments, result)
     print()
     print(table)
     if not arguments.no_docs:
-        write_section(DOCS, *MARKERS, table)
+        write_section(DOCS, *MARKERS[arguments.database], table)
         say(f"figures written into {DOCS.relative_to(ROOT)}")
 
 
