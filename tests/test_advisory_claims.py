@@ -1,17 +1,20 @@
-"""PostgreSQL's advisory claims (``DatabaseStore.claims``, docs/modes.md "Advisory claims").
+"""Advisory claims (``DatabaseStore.claims``, docs/modes.md "Advisory claims").
 
-On PostgreSQL with the plain-SQL statements, the atomic mode claims an absent key with two
-transaction-level advisory locks and writes the key's row once, completed, in the commit that
-also commits the view's writes. These tests race real threads against a real PostgreSQL; the
-contract's answers under the same races (409 for the same request in flight, 422 for a
-different one, one run for 16 simultaneous duplicates, a killed worker) are asserted by
-``tests/test_concurrency.py``, which runs with advisory claims on PostgreSQL.
+With the plain-SQL statements, the atomic mode claims an absent key with two advisory locks
+(PostgreSQL's transaction-level locks; MariaDB/MySQL's ``GET_LOCK``, the session's, released
+after the transaction) and writes the key's row once, completed, in the commit that also
+commits the view's writes. These tests race real threads against a real PostgreSQL or
+MariaDB; the contract's answers under the same races (409 for the same request in flight, 422
+for a different one, one run for 16 simultaneous duplicates, a killed worker) are asserted
+by ``tests/test_concurrency.py``, which runs with advisory claims on both.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,12 +26,16 @@ from django.test.utils import CaptureQueriesContext
 from django_idempotency.checks import ensure_valid_settings
 from django_idempotency.functions import idempotent_call
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.records import ClaimRequest
 from django_idempotency.stores import DatabaseStore
+from django_idempotency.stores import database as database_store
 from django_idempotency.stores import sql as sql_statements
 from tests import race_views
 from tests.models import Charge
 from tests.test_concurrency import (
+    TIMEOUT,
     Answer,
+    Background,
     assert_fresh_run,
     assert_in_progress,
     assert_ran_once,
@@ -48,10 +55,16 @@ pytestmark = [
     pytest.mark.concurrency,
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(
-        connection.vendor != "postgresql",
-        reason="advisory claims are PostgreSQL's: set DATABASE_URL to a PostgreSQL server",
+        connection.vendor not in ("postgresql", "mysql"),
+        reason="advisory claims need PostgreSQL or MariaDB: set DATABASE_URL to one",
     ),
 ]
+postgresql_only = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="PostgreSQL's psycopg and transaction locks"
+)
+mariadb_only = pytest.mark.skipif(
+    connection.vendor != "mysql", reason="MariaDB's GET_LOCK, whose locks are the session's"
+)
 
 
 class RowClaimsStore(DatabaseStore):
@@ -64,22 +77,32 @@ class MisspelledClaimsStore(DatabaseStore):
     claims = "advisory"  # type: ignore[assignment]
 
 
-def key_row(key: str) -> tuple[str, int] | None:
-    """The key's state and the id of the transaction that wrote its row version."""
+def key_row(key: str) -> tuple[str, int | None] | None:
+    """The key's state and, on PostgreSQL, the id of the transaction that wrote its row
+    version (InnoDB does not show it)."""
+    writer = "xmin::text::bigint" if connection.vendor == "postgresql" else "NULL"
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT state, xmin::text::bigint FROM django_idempotency_idempotencykey "
-            "WHERE key = %s",
+            f"SELECT state, {writer} FROM django_idempotency_idempotencykey WHERE {KEY} = %s",
             [key],
         )
         return cursor.fetchone()
 
 
-def charge_writer(note: str) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT xmin::text::bigint FROM tests_charge WHERE note = %s", [note])
-        (writer,) = cursor.fetchone()
-        return int(writer)
+KEY = connection.ops.quote_name("key")
+
+
+def assert_written_with_the_charge(key: str, note: str) -> None:
+    """The key's row was written by the transaction that wrote the view's charge (compared on
+    PostgreSQL; on MariaDB, both are there, and the rollback tests show they go together)."""
+    found = key_row(key)
+    assert found is not None
+    assert Charge.objects.filter(note=note).count() == 1
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT xmin::text::bigint FROM tests_charge WHERE note = %s", [note])
+            (writer,) = cursor.fetchone()
+        assert found[1] == int(writer)
 
 
 def test_an_in_flight_key_has_no_row_and_one_commit_writes_it_with_the_views_writes():
@@ -89,15 +112,14 @@ def test_an_in_flight_key_has_no_row_and_one_commit_writes_it_with_the_views_wri
 
     assert in_flight is None  # held by advisory locks, not by a committed claim row
     assert_fresh_run(original)
-    state, writer = key_row(key)
     # Inserted completed by the transaction that wrote the view's charge: one row version,
     # one commit for both.
-    assert state == "completed"
-    assert writer == charge_writer(note)
+    assert key_row(key)[0] == "completed"
+    assert_written_with_the_charge(key, note)
     assert_replay_of(post(new_client(), url, key), original)
 
 
-def test_rows_claims_keep_an_in_flight_claim_row_on_postgresql(settings):
+def test_rows_claims_keep_an_in_flight_claim_row(settings):
     settings.IDEMPOTENCY_STORE = "tests.test_advisory_claims.RowClaimsStore"
     key, note = new_key(), new_note()
     url = target("/race/atomic/", note, sleep=1.0)
@@ -111,7 +133,7 @@ def test_rows_claims_keep_an_in_flight_claim_row_on_postgresql(settings):
     assert in_flight[0] == "in_progress"
     assert_in_progress(duplicate)
     assert_fresh_run(original)
-    assert key_row(key)[1] == charge_writer(note)  # the claim row, updated in the view's
+    assert_written_with_the_charge(key, note)  # the claim row, updated in the view's
     assert race_views.runs(note) == 1
 
 
@@ -126,6 +148,7 @@ def server_side_binding():
         del options["server_side_binding"]
 
 
+@postgresql_only
 @pytest.mark.usefixtures("server_side_binding")
 def test_with_server_side_binding_the_locks_and_the_read_go_apart_and_still_run_once():
     key, note = new_key(), new_note()
@@ -137,6 +160,7 @@ def test_with_server_side_binding_the_locks_and_the_read_go_apart_and_still_run_
     assert all(answer.status in (201, 409) for answer in answers), answers
 
 
+@postgresql_only
 @pytest.mark.usefixtures("server_side_binding")
 def test_with_server_side_binding_a_different_request_in_flight_gets_422():
     key, note = new_key(), new_note()
@@ -223,10 +247,11 @@ def first_execution(check_completion: Callable[[str], None]) -> None:
     assert_fresh_run(first)
     [completion] = completions(captured.captured_queries)
     check_completion(completion)
-    assert key_row(key)[1] == charge_writer(note)
+    assert_written_with_the_charge(key, note)
     assert_replay_of(post(new_client(), url, key), first)
 
 
+@postgresql_only
 def test_the_completed_row_and_the_commit_go_in_one_round_trip():
     def fused(completion: str) -> None:
         assert completion.endswith("; COMMIT")  # the row commits with the view's writes
@@ -234,6 +259,7 @@ def test_the_completed_row_and_the_commit_go_in_one_round_trip():
     first_execution(fused)
 
 
+@postgresql_only
 def test_a_call_block_commits_with_its_result_when_it_ends_and_not_before():
     with (
         CaptureQueriesContext(connection) as captured,
@@ -268,12 +294,147 @@ def test_a_call_block_commits_with_its_result_when_it_ends_and_not_before():
         Charge.objects.create(amount=4, note="ends without a save")
     [completion] = completions(captured.captured_queries)
     assert completion.endswith("; COMMIT")
-    assert key_row("invoice-3")[1] == charge_writer("ends without a save")
+    assert_written_with_the_charge("invoice-3", "ends without a save")
 
 
+@postgresql_only
 @pytest.mark.usefixtures("atomic_requests")
 def test_under_atomic_requests_the_request_transaction_is_never_committed_early():
     def not_fused(completion: str) -> None:
         assert not completion.endswith("; COMMIT")  # Django commits the request's transaction
 
     first_execution(not_fused)
+
+
+# -- MariaDB: GET_LOCK's locks are the session's ---------------------------------------------
+
+
+@pytest.fixture
+def lock_names(monkeypatch):
+    """The GET_LOCK names the requests of the test take (and then release), in order."""
+    names: list[str] = []
+    original = sql_statements.MysqlStatements._key_lock_names
+
+    def recording(self: sql_statements.MysqlStatements, claim: Any) -> list[str]:
+        taken = original(self, claim)
+        names.extend(name for name in taken if name not in names)
+        return taken
+
+    monkeypatch.setattr(sql_statements.MysqlStatements, "_key_lock_names", recording)
+    return names
+
+
+def held(names: list[str]) -> list[str]:
+    """Those of ``names`` that some session holds, as another session sees them."""
+
+    def look() -> list[str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT " + ", ".join(["IS_USED_LOCK(%s)"] * len(names)), names)
+            return [
+                name
+                for name, owner in zip(names, cursor.fetchone(), strict=True)
+                if owner is not None
+            ]
+
+    return list(Background(look).result())
+
+
+@mariadb_only
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+def test_the_sessions_locks_are_held_in_flight_and_released_when_the_request_ends(
+    lock_names, fails
+):
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=0.5)
+    if fails:
+        race_views.fail_next_run(note)  # the view raises after writing its charge
+    # The request runs in this thread, on its connection, which stays open after it: locks
+    # left held would stay with it.
+    in_flight, answer = while_in_flight_here(url, key, note, lambda: held(lock_names))
+
+    assert len(lock_names) == 2
+    assert in_flight == lock_names
+    assert held(lock_names) == []
+    if not fails:
+        assert_fresh_run(answer)
+        return
+    assert answer.status == 500
+    assert Charge.objects.filter(note=note).count() == 0
+    # Another session claims the key at once, and runs the view.
+    assert_fresh_run(Background(lambda: post(new_client(), url, key)).result())
+
+
+def while_in_flight_here(
+    url: str, key: str, note: str, during: Callable[[], list[str]]
+) -> tuple[list[str], Answer]:
+    """POST ``url`` with ``key`` in this thread; call ``during`` in another once the view runs."""
+
+    def watch() -> list[str]:
+        assert race_views.entered(note).wait(TIMEOUT), "the request never reached its view"
+        return during()
+
+    watcher = Background(watch)
+    answer = post(new_client(), url, key)
+    return list(watcher.result()), answer
+
+
+@mariadb_only
+@pytest.mark.usefixtures("atomic_requests")
+def test_under_atomic_requests_mariadb_claims_with_rows(lock_names):
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note)
+
+    first = post(new_client(), url, key)
+
+    assert_fresh_run(first)
+    assert lock_names == []  # the request's transaction outlives the store's: no GET_LOCK
+    assert_replay_of(post(new_client(), url, key), first)
+
+
+@pytest.fixture
+def locks_refused(monkeypatch):
+    """A server that refuses GET_LOCK, as a Galera cluster does (``WSREP_ON``): this statement
+    fails with the same error, ER_NOT_SUPPORTED_YET (1235)."""
+    monkeypatch.setattr(
+        sql_statements.MysqlStatements,
+        "_try_key_locks",
+        "SELECT 1 FROM DUAL WHERE %s IN (SELECT %s LIMIT 1)",
+    )
+    monkeypatch.setattr(database_store, "_LOCKS_REFUSED", set())
+
+
+@mariadb_only
+@pytest.mark.usefixtures("locks_refused")
+def test_a_server_that_refuses_get_lock_gets_row_claims_and_a_warning(caplog):
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=1.0)
+
+    def row_and_duplicate() -> tuple[Any, Answer]:
+        return key_row(key), post(new_client(), url, key)
+
+    with caplog.at_level("WARNING", logger="django_idempotency"):
+        (in_flight, duplicate), original = while_in_flight(url, key, note, row_and_duplicate)
+
+    assert in_flight is not None
+    assert in_flight[0] == "in_progress"  # a claim row: row claims
+    assert_in_progress(duplicate)
+    assert_fresh_run(original)
+    assert race_views.runs(note) == 1
+    assert {"default"} == database_store._LOCKS_REFUSED
+    assert "refused GET_LOCK" in caplog.text
+
+
+def test_the_lock_names_of_one_key_differ_between_databases():
+    claim = ClaimRequest(
+        scope="s", key="k", fingerprint="f", method="POST", path="/", token="t", ttl=timedelta(1)
+    )
+
+    def names(database: str) -> list[str]:
+        statements = sql_statements.MysqlStatements.__new__(sql_statements.MysqlStatements)
+        statements.connection = SimpleNamespace(settings_dict={"NAME": database})  # type: ignore[assignment]
+        return statements._key_lock_names(claim)
+
+    first, other = names("orders"), names("orders_staging")
+    assert len(set(first)) == 2
+    assert not set(first) & set(other)  # GET_LOCK's names are the whole server's
+    assert all(len(name) <= 64 for name in first + other)  # GET_LOCK's limit

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Literal, cast
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db import transaction as db_transaction
 
 from django_idempotency import replay_cache
@@ -25,7 +25,10 @@ from django_idempotency.stores.base import (
     translate_errors,
 )
 from django_idempotency.stores.sql import (
+    AdvisoryStatements,
+    KeyLocksRefused,
     Locked,
+    MysqlStatements,
     PostgresqlStatements,
     RecoveryPoints,
     Statements,
@@ -54,10 +57,11 @@ class DatabaseStore:
     supports_phases = True
     using: str | None = None
     statements: StatementsKind = "auto"
-    #: How the atomic mode claims an absent key: ``"auto"``, with advisory transaction locks
-    #: where the statements have them (PostgreSQL, plain SQL), its row written once, completed,
-    #: with the view's writes; ``"rows"``, with a claim row committed before the view runs,
-    #: then locked (every database; the only way on MariaDB/MySQL, SQLite and the ORM).
+    #: How the atomic mode claims an absent key: ``"auto"``, with advisory locks where the
+    #: statements have them (plain SQL: PostgreSQL's transaction locks; MariaDB/MySQL's
+    #: ``GET_LOCK`` when the store's transaction is the outermost), its row written once,
+    #: completed, with the view's writes; ``"rows"``, with a claim row committed before the
+    #: view runs, then locked (every database; the only way on SQLite and with the ORM).
     claims: ClaimsKind = "auto"
 
     def _alias(self) -> str:
@@ -94,8 +98,17 @@ class DatabaseStore:
             raise ImproperlyConfigured(
                 f"DatabaseStore.claims must be 'auto' or 'rows', not {self.claims!r}."
             )
+        if self.claims == "rows":
+            return False
         strategy = statements_for(connections[alias], self.statements)
-        return self.claims == "auto" and isinstance(strategy, PostgresqlStatements)
+        if isinstance(strategy, PostgresqlStatements):
+            return True
+        if isinstance(strategy, MysqlStatements):
+            # GET_LOCK's locks are the session's, released when the store's transaction
+            # ends: only where that transaction is the outermost (not under ATOMIC_REQUESTS,
+            # not in a caller's atomic block), so that nothing commits after the release.
+            return alias not in _LOCKS_REFUSED and not connections[alias].in_atomic_block
+        return False
 
     @contextmanager
     def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
@@ -103,10 +116,18 @@ class DatabaseStore:
         if insert and self._advisory(alias):
             with ExitStack() as transaction:
                 with translate_errors(alias):
+                    advisory = cast(
+                        AdvisoryStatements, statements_for(connections[alias], self.statements)
+                    )
+                    if advisory.session_key_locks:
+                        # Registered first, so run last: once the transaction has ended.
+                        transaction.callback(_release_key_locks, advisory, claim)
                     transaction.enter_context(db_transaction.atomic(using=alias))
-                    record = self._lock_absent(self._statements(alias), claim)
-                yield record
-            return
+                    found = self._lock_absent(self._statements(alias), claim)
+                if found is not None:
+                    yield found
+                    return
+            # The database refused the locks (and this alias now claims with rows).
         # With row locks, the claim is committed before the transaction starts: a concurrent
         # duplicate then finds a committed row that it cannot lock (and answers at once)
         # instead of waiting on our uncommitted insert for as long as the view runs. A live
@@ -146,7 +167,7 @@ class DatabaseStore:
                 return statements.complete(claim, response)
             unwritten.discard(claim.token)
             commit = commit and _sole_transaction(alias)
-            advisory = cast(PostgresqlStatements, statements)
+            advisory = cast(AdvisoryStatements, statements)
             if advisory.insert_completed(claim, response, commit=commit):
                 return True
         # A row appeared under our advisory locks: only a lease-mode claim of the same key
@@ -164,7 +185,7 @@ class DatabaseStore:
         unwritten = _unwritten(alias)
         if claim.token in unwritten:
             unwritten.discard(claim.token)
-            return True  # nothing was written; the advisory locks end with the transaction
+            return True  # nothing was written; the locks end with the transaction (or after)
         with translate_errors(alias):
             return self._statements(alias).release(claim)
 
@@ -188,10 +209,20 @@ class DatabaseStore:
         with translate_errors(alias):
             return self._statements(alias).end_lease(claim)
 
-    def _lock_absent(self, statements: Statements, claim: ClaimRequest) -> Record:
+    def _lock_absent(self, statements: Statements, claim: ClaimRequest) -> Record | None:
         """Claim a key the read found absent, with advisory locks (``claims``): no row is
-        written until the response is stored, with the view's writes, in one commit."""
-        locked, record = cast(PostgresqlStatements, statements).try_key_locks(claim)
+        written until the response is stored, with the view's writes, in one commit.
+        ``None`` where the database refuses the locks: the caller claims with rows."""
+        try:
+            locked, record = cast(AdvisoryStatements, statements).try_key_locks(claim)
+        except KeyLocksRefused:
+            _LOCKS_REFUSED.add(statements.alias)
+            logger.warning(
+                "Database %r refused GET_LOCK (a Galera cluster?): the atomic mode claims "
+                "keys with rows there. Set DatabaseStore.claims = 'rows' to say so.",
+                statements.alias,
+            )
+            return None
         if locked is None:
             raise KeyLocked()  # the same request is in flight
         if not locked:
@@ -219,6 +250,27 @@ class DatabaseStore:
         points = locked.recovery_points if resumed else ()
         statements.take_over(locked, claim, lease=lease, points=points)
         return owned_record(claim, points)
+
+
+#: The aliases whose database refused GET_LOCK, for the life of the process.
+_LOCKS_REFUSED: set[str] = set()
+
+
+def _release_key_locks(statements: AdvisoryStatements, claim: ClaimRequest) -> None:
+    """Release a claim's session locks after its transaction, whatever ended it."""
+    if statements.alias in _LOCKS_REFUSED:
+        return
+    try:
+        statements.release_key_locks(claim)
+    except DatabaseError:
+        # Locks left held would refuse the key to every other session for as long as this
+        # connection lives: end the session, and its locks with it.
+        logger.warning(
+            "Releasing the locks of idempotency key %r failed: closing the connection.",
+            claim.key,
+            exc_info=True,
+        )
+        connections[statements.alias].close()
 
 
 def _unwritten(alias: str) -> set[str]:
@@ -302,12 +354,12 @@ class ReplayCached:
         return self._statements.insert(claim, lease=lease)
 
     def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
-        return cast(PostgresqlStatements, self._statements).try_key_locks(claim)
+        return cast(AdvisoryStatements, self._statements).try_key_locks(claim)
 
     def insert_completed(
         self, claim: ClaimRequest, response: StoredResponse, *, commit: bool = False
     ) -> bool:
-        advisory = cast(PostgresqlStatements, self._statements)
+        advisory = cast(AdvisoryStatements, self._statements)
         inserted = advisory.insert_completed(claim, response, commit=commit)
         if inserted:
             self._remember_on_commit(claim, response)

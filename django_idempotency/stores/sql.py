@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Any, Literal, NamedTuple, Protocol
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, NotSupportedError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.constants import OnConflict
 from django.db.models.functions import Now
@@ -102,6 +102,25 @@ class Statements(Protocol):
 
     def end_lease(self, claim: ClaimRequest) -> bool:
         """End the caller's lease now and replace its owner token."""
+
+
+class AdvisoryStatements(Statements, Protocol):
+    """The statements of advisory claims (``DatabaseStore.claims``), where a vendor has them."""
+
+    #: Whether the locks are the session's (released by :meth:`release_key_locks`) rather
+    #: than the transaction's.
+    session_key_locks: bool
+
+    def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
+        """Take the claim's two locks without waiting, then read the key."""
+
+    def release_key_locks(self, claim: ClaimRequest) -> None:
+        """Release the claim's locks where they outlive the transaction."""
+
+    def insert_completed(
+        self, claim: ClaimRequest, response: StoredResponse, *, commit: bool = False
+    ) -> bool:
+        """Insert the key's row, completed; ``False`` if a row for the key exists already."""
 
 
 class OrmStatements:
@@ -332,6 +351,22 @@ class SqlStatements(OrmStatements):
             f"{q('lease_until')} = NULL WHERE {self._where_owned}"
         )
 
+    def _completed_values(self, claim: ClaimRequest, response: StoredResponse) -> list[Any]:
+        """The values of :attr:`_insert_completed_strictly` for ``claim``'s response."""
+        return [
+            *claim_values(claim, COMPLETED),
+            *self._response_values(response),
+            self.duration(claim.ttl),
+        ]
+
+    @cached_property
+    def _insert_completed_strictly(self) -> str:
+        """An advisory claim's completed row (``_COMPLETED_COLUMNS``); fails on a duplicate."""
+        columns = ", ".join(self._q(name) for name in _COMPLETED_COLUMNS)
+        now = self.now
+        values = f"%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {now}, {now}, {self.later()}"
+        return f"INSERT INTO {self._table} ({columns}) VALUES ({values})"
+
     def _response_values(self, response: StoredResponse) -> list[Any]:
         """The values of ``_RESPONSE_COLUMNS`` for ``response``, as this database stores them."""
         headers = [list(header) for header in response.headers]
@@ -388,6 +423,11 @@ class PostgresqlStatements(SqlStatements):
     # Advisory claims (DatabaseStore.claims): an absent key is claimed by transaction-level
     # advisory locks, and its row is only written, completed, when its response is stored.
 
+    session_key_locks = False
+
+    def release_key_locks(self, claim: ClaimRequest) -> None:
+        """Nothing: transaction-level locks end with the transaction."""
+
     def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
         """Take the claim's two advisory transaction locks without waiting, then read the key.
 
@@ -428,11 +468,7 @@ class PostgresqlStatements(SqlStatements):
         cursor can send both (:func:`_sends_several_statements`): the insert then fails on a
         duplicate instead of doing nothing, so that the ``COMMIT`` never runs after it.
         """
-        params = [
-            *claim_values(claim, COMPLETED),
-            *self._response_values(response),
-            self.duration(claim.ttl),
-        ]
+        params = self._completed_values(claim, response)
         with self.connection.cursor() as cursor:
             if commit and _sends_several_statements(cursor):
                 try:
@@ -448,13 +484,6 @@ class PostgresqlStatements(SqlStatements):
     _try_key_locks = (
         "SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN pg_try_advisory_xact_lock(%s) END"
     )
-
-    @cached_property
-    def _insert_completed_strictly(self) -> str:
-        columns = ", ".join(self._q(name) for name in _COMPLETED_COLUMNS)
-        now = self.now
-        values = f"%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {now}, {now}, {self.later()}"
-        return f"INSERT INTO {self._table} ({columns}) VALUES ({values})"
 
     @cached_property
     def _insert_completed(self) -> str:
@@ -479,6 +508,85 @@ class MysqlStatements(SqlStatements):
     def insert_ignoring_duplicates(self, table: str, columns: str, values: str) -> str:
         prefix = no_wait_prefix(self.connection)
         return f"{prefix}INSERT IGNORE INTO {table} ({columns}) VALUES ({values})"
+
+    # Advisory claims with GET_LOCK, whose locks belong to the session, not the transaction:
+    # the store takes them only for a transaction of its own (no caller's around it), and
+    # releases them right after it ends (release_key_locks).
+
+    session_key_locks = True
+
+    def try_key_locks(self, claim: ClaimRequest) -> tuple[bool | None, Record | None]:
+        """:meth:`PostgresqlStatements.try_key_locks` with ``GET_LOCK``, and the read as a
+        statement of its own after it (Django's mysqlclient sends one statement at a time).
+
+        Raises :class:`KeyLocksRefused` where the server refuses ``GET_LOCK`` (a Galera
+        cluster: ``WSREP_ON``).
+        """
+        with self.connection.cursor() as cursor:
+            try:
+                cursor.execute(self._try_key_locks, self._key_lock_names(claim))
+            except NotSupportedError as exc:
+                if _mysql_error_code(exc) == 1235:  # ER_NOT_SUPPORTED_YET
+                    raise KeyLocksRefused() from exc
+                raise
+            (locked,) = cursor.fetchone()
+            if not locked:
+                return (None if locked is None else False), None
+            # Begun after the locks were won, it sees a row committed just before
+            # (Django's MySQL connections read committed rows, statement by statement).
+            cursor.execute(self._get, [claim.scope, claim.key])
+            found = cursor.fetchone()
+        return True, None if found is None else self._record(found)
+
+    def release_key_locks(self, claim: ClaimRequest) -> None:
+        """Release the claim's locks, those of them the session holds."""
+        with self.connection.cursor() as cursor:
+            cursor.execute("DO RELEASE_LOCK(%s), RELEASE_LOCK(%s)", self._key_lock_names(claim))
+
+    def insert_completed(
+        self, claim: ClaimRequest, response: StoredResponse, *, commit: bool = False
+    ) -> bool:
+        """Insert the key's row, completed; ``False`` if a row for the key exists already.
+
+        ``commit`` changes nothing: the ``COMMIT`` is Django's, as ever. The insert is
+        strict (not ``INSERT IGNORE``, which would turn a bad value into a warning) and
+        a duplicate's error is caught: on MariaDB/MySQL it does not end the transaction.
+        """
+        with self.connection.cursor() as cursor:
+            try:
+                cursor.execute(
+                    self._insert_completed_strictly, self._completed_values(claim, response)
+                )
+            except IntegrityError as exc:
+                if _mysql_error_code(exc) == 1062:  # ER_DUP_ENTRY
+                    return False
+                raise
+        return True
+
+    _try_key_locks = "SELECT IF(GET_LOCK(%s, 0), GET_LOCK(%s, 0), NULL)"
+
+    def _key_lock_names(self, claim: ClaimRequest) -> list[str]:
+        # GET_LOCK's names are the server's, shared by its databases: the database's name
+        # is part of each lock's id.
+        database = str(self.connection.settings_dict["NAME"])
+        return [
+            f"django_idempotency:{advisory_lock_id([database, *values])}"
+            for values in (
+                [claim.scope, claim.key, claim.fingerprint],
+                [claim.scope, claim.key],
+            )
+        ]
+
+
+class KeyLocksRefused(Exception):
+    """The database refused the advisory claims' locks: the store claims with rows there."""
+
+
+def _mysql_error_code(exc: Exception) -> int | None:
+    """The MySQL error number of a Django database error raised by mysqlclient."""
+    cause = exc.__cause__
+    args = getattr(cause, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 #: The plain-SQL strategy of each vendor that has one; ``"auto"`` uses the ORM for the others.
