@@ -24,10 +24,10 @@ its own (``idempotency_proto_*`` on ``$BENCH_POSTGRES_URL`` or ``$BENCH_MARIADB_
 - ``claim in transaction``: ``bench.protocols.InTransactionClaimStore``, the claim row
   inserted inside the view's transaction (``lock_timeout`` 2 s), one commit.
 
-On MariaDB (``--database mariadb``), ``before`` and ``kept`` (row claims on MariaDB, the same
-protocol), and ``GET_LOCK claims``: ``bench.protocols.GetLockClaimStore``, PostgreSQL's
-advisory claims with ``GET_LOCK``, whose locks belong to the session and are released by one
-more statement after the commit.
+On MariaDB (``--database mariadb``): ``before`` (row claims), ``kept`` (advisory claims with
+``GET_LOCK``, whose locks belong to the session and are released by one more statement after
+the commit) and ``kept, row claims`` (``bench.protocols.RowClaimsStore``: the working tree's
+package with ``claims = "rows"``).
 
 Scenarios, driven by wrk (``benchmarks/idempotency_keys.lua``) in a rotating order over
 ``--rounds`` rounds: the view without idempotency (one INSERT, served by ``before``), first
@@ -105,8 +105,8 @@ def build(arguments: argparse.Namespace) -> tuple[list[Server], list[Scenario]]:
     old = {"PYTHONPATH": str(before)}
     setups: list[tuple[str, dict[str, str]]] = [("before", old), ("kept", {})]
     if arguments.database == "mariadb":
-        setups.append(("GET_LOCK claims", {store: "bench.protocols.GetLockClaimStore"}))
-        contenders = ["GET_LOCK claims"]
+        setups.append(("kept, row claims", {store: "bench.protocols.RowClaimsStore"}))
+        contenders = ["kept, row claims"]
     else:
         setups += [
             ("kept, prepared", {"BENCH_SERVER_SIDE_BINDING": "1"}),
