@@ -452,3 +452,53 @@ def test_the_lock_names_of_one_key_differ_between_databases():
     assert len(set(first)) == 2
     assert not set(first) & set(other)  # GET_LOCK's names are the whole server's
     assert all(len(name) <= 64 for name in first + other)  # GET_LOCK's limit
+
+
+# -- Where the second read could miss a committed row: row claims ------------------------------
+
+
+@pytest.fixture
+def repeatable_read():
+    """REPEATABLE READ for every new connection: a snapshot per transaction, not per statement."""
+    if connection.vendor == "postgresql":
+        from psycopg import IsolationLevel
+
+        level: Any = IsolationLevel.REPEATABLE_READ
+    else:
+        level = "repeatable read"
+    options = connections["default"].settings_dict.setdefault("OPTIONS", {})
+    options["isolation_level"] = level
+    try:
+        yield
+    finally:
+        del options["isolation_level"]
+
+
+@pytest.mark.usefixtures("repeatable_read")
+def test_above_read_committed_the_atomic_mode_claims_with_rows():
+    # The second read's snapshot could be taken before the locks were won, and miss the row
+    # their holder committed just before: duplicates. So no advisory claims there.
+    key, note = new_key(), new_note()
+    url = target("/race/atomic/", note, sleep=1.0)
+
+    def row_and_duplicate() -> tuple[Any, Answer]:
+        return key_row(key), post(new_client(), url, key)
+
+    (in_flight, duplicate), original = while_in_flight(url, key, note, row_and_duplicate)
+
+    assert in_flight is not None
+    assert in_flight[0] == "in_progress"  # a committed claim row
+    assert_in_progress(duplicate)
+    assert_fresh_run(original)
+    assert race_views.runs(note) == 1
+
+
+def test_with_autocommit_off_the_atomic_mode_claims_with_rows():
+    store = DatabaseStore()
+    assert store._advisory("default")
+    connection.set_autocommit(False)
+    try:
+        assert not store._advisory("default")  # the store's transaction would not commit
+    finally:
+        connection.rollback()
+        connection.set_autocommit(True)

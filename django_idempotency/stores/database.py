@@ -10,8 +10,9 @@ from datetime import timedelta
 from typing import Literal, cast
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, connections
+from django.db import Error, connections
 from django.db import transaction as db_transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_idempotency import replay_cache
 from django_idempotency.exceptions import IdempotencyKeyMismatch, IdempotencyStoreUnavailable
@@ -100,15 +101,22 @@ class DatabaseStore:
             )
         if self.claims == "rows":
             return False
-        strategy = statements_for(connections[alias], self.statements)
-        if isinstance(strategy, PostgresqlStatements):
-            return True
+        connection = connections[alias]
+        strategy = statements_for(connection, self.statements)
+        if not isinstance(strategy, PostgresqlStatements | MysqlStatements):
+            return False
+        # The second read must see a row committed just before the locks were won: only
+        # READ COMMITTED (Django's default) gives each statement a fresh snapshot. And with
+        # autocommit off, the store's transaction would not end where the locks do.
+        connection.ensure_connection()
+        if not _reads_committed(connection) or not connection.get_autocommit():
+            return False
         if isinstance(strategy, MysqlStatements):
             # GET_LOCK's locks are the session's, released when the store's transaction
             # ends: only where that transaction is the outermost (not under ATOMIC_REQUESTS,
             # not in a caller's atomic block), so that nothing commits after the release.
-            return alias not in _LOCKS_REFUSED and not connections[alias].in_atomic_block
-        return False
+            return alias not in _LOCKS_REFUSED and not connection.in_atomic_block
+        return True
 
     @contextmanager
     def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
@@ -119,11 +127,15 @@ class DatabaseStore:
                     advisory = cast(
                         AdvisoryStatements, statements_for(connections[alias], self.statements)
                     )
+                    release = ExitStack()
                     if advisory.session_key_locks:
-                        # Registered first, so run last: once the transaction has ended.
-                        transaction.callback(_release_key_locks, advisory, claim)
+                        # Entered first, so run last: once the transaction has ended.
+                        release.callback(_release_key_locks, advisory, claim)
+                        transaction.enter_context(release)
                     transaction.enter_context(db_transaction.atomic(using=alias))
                     found = self._lock_absent(self._statements(alias), claim)
+                    if found is None:
+                        release.pop_all()  # refused: no lock was taken
                 if found is not None:
                     yield found
                     return
@@ -170,12 +182,14 @@ class DatabaseStore:
             advisory = cast(AdvisoryStatements, statements)
             if advisory.insert_completed(claim, response, commit=commit):
                 return True
-        # A row appeared under our advisory locks: only a lease-mode claim of the same key
-        # (the lease mode takes no advisory lock) inserts one. Its request runs, so ours
-        # must not commit: the atomic mode rolls our work back and answers 503.
+        # A row appeared under our advisory locks: a claim that takes no advisory lock
+        # inserted it (the lease mode; row claims, e.g. an instance of an older release or
+        # one that fell back to rows). Its request runs, so ours must not commit: the atomic
+        # mode rolls our work back and answers 503.
         logger.error(
-            "Idempotency key %r was claimed in the lease mode while an atomic-mode request "
-            "held it; the atomic-mode request was rolled back.",
+            "Idempotency key %r was claimed by a request without advisory locks (the lease "
+            "mode, or row claims) while an atomic-mode request held it; the atomic-mode "
+            "request was rolled back.",
             claim.key,
         )
         raise IdempotencyStoreUnavailable(retry_after=1)
@@ -223,6 +237,10 @@ class DatabaseStore:
                 statements.alias,
             )
             return None
+        if not locked and record is not None and record.completed:
+            # The holder committed its response as we tried its locks, and is releasing
+            # them: the response decides (a replay, or 422), as for any completed key.
+            return record
         if locked is None:
             raise KeyLocked()  # the same request is in flight
         if not locked:
@@ -252,17 +270,23 @@ class DatabaseStore:
         return owned_record(claim, points)
 
 
+def _reads_committed(connection: BaseDatabaseWrapper) -> bool:
+    """Whether the connection's transactions read at READ COMMITTED (or below, which both
+    databases treat alike here): Django's default on PostgreSQL and MariaDB/MySQL."""
+    level = getattr(connection, "isolation_level", None)
+    name = str(getattr(level, "name", level) or "").replace("_", " ").lower()
+    return name in ("read committed", "read uncommitted")
+
+
 #: The aliases whose database refused GET_LOCK, for the life of the process.
 _LOCKS_REFUSED: set[str] = set()
 
 
 def _release_key_locks(statements: AdvisoryStatements, claim: ClaimRequest) -> None:
     """Release a claim's session locks after its transaction, whatever ended it."""
-    if statements.alias in _LOCKS_REFUSED:
-        return
     try:
         statements.release_key_locks(claim)
-    except DatabaseError:
+    except Error:
         # Locks left held would refuse the key to every other session for as long as this
         # connection lives: end the session, and its locks with it.
         logger.warning(

@@ -474,7 +474,10 @@ class PostgresqlStatements(SqlStatements):
                 try:
                     cursor.execute(f"{self._insert_completed_strictly}; COMMIT", params)
                 except IntegrityError as exc:
-                    if getattr(exc.__cause__, "sqlstate", None) == "23505":  # unique_violation
+                    # The key's own unique constraint only: a view's deferred constraint
+                    # failing at the COMMIT is the view's error.
+                    diagnostic = getattr(exc.__cause__, "diag", None)
+                    if getattr(diagnostic, "constraint_name", None) == _KEY_CONSTRAINT:
                         return False
                     raise
                 return True
@@ -541,7 +544,11 @@ class MysqlStatements(SqlStatements):
     def release_key_locks(self, claim: ClaimRequest) -> None:
         """Release the claim's locks, those of them the session holds."""
         with self.connection.cursor() as cursor:
-            cursor.execute("DO RELEASE_LOCK(%s), RELEASE_LOCK(%s)", self._key_lock_names(claim))
+            # The (scope, key) lock first: while only the other is held, a duplicate would
+            # take the pair for a different request's (answered 422).
+            cursor.execute(
+                "DO RELEASE_LOCK(%s), RELEASE_LOCK(%s)", self._key_lock_names(claim)[::-1]
+            )
 
     def insert_completed(
         self, claim: ClaimRequest, response: StoredResponse, *, commit: bool = False
@@ -644,6 +651,8 @@ _HEADERS = IdempotencyKey._meta.get_field("response_headers")
 _BODY = IdempotencyKey._meta.get_field("response_body")
 _COLUMNS = {field.name: str(field.column) for field in IdempotencyKey._meta.concrete_fields}
 _RESPONSE_COLUMNS = ("response_status", "response_headers", "response_body")
+#: The unique constraint on (scope, key) (``models.IdempotencyKey``).
+_KEY_CONSTRAINT = "idempotency_scope_key_uniq"
 #: The columns of :func:`claim_values`, which every inserted row starts with.
 _CLAIM_COLUMNS = ("scope", "key", "state", "fingerprint", "method", "path", "owner_token")
 #: The columns of a plain-SQL insert, in the order of its values.
