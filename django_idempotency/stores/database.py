@@ -1,5 +1,6 @@
-"""``DatabaseStore``: keys in the ``IdempotencyKey`` table, claimed by unique constraint and row
-locks. What each step means lives here; the statements it sends are a strategy (``sql``)."""
+"""``DatabaseStore``: keys in the ``IdempotencyKey`` table, claimed by unique constraint and
+advisory or row locks. What each step means lives here; the statements it sends are a
+strategy (``sql``)."""
 
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ ClaimsKind = Literal["auto", "rows"]
 
 
 class DatabaseStore:
-    """Keys in the ``IdempotencyKey`` table, claimed by unique constraint and row locks.
+    """Keys in the ``IdempotencyKey`` table, claimed by unique constraint and advisory or row
+    locks.
 
     The database alias is ``IDEMPOTENCY_DATABASE``, else the router's choice for writing
     ``IdempotencyKey`` (``models.keys_database``), for reads too: never a read replica. A
     subclass may pin ``using``. Every deadline is compared with the database's own clock.
     ``statements`` picks how the statements are written: ``"auto"`` (plain SQL on PostgreSQL and
     MariaDB/MySQL, the ORM elsewhere) or ``"orm"`` (the ORM everywhere); ``claims`` how the
-    atomic mode claims an absent key (docs/modes.md, "How the atomic mode claims a key").
+    atomic mode claims an absent key (docs/stores.md, "How the atomic mode claims a key").
     """
 
     supports_atomic = True
