@@ -123,7 +123,9 @@ class DatabaseStore:
     @contextmanager
     def lock(self, claim: ClaimRequest, *, insert: bool = True) -> Iterator[Record]:
         alias = self._alias()
-        if insert and self._advisory(alias):
+        with translate_errors(alias):  # _advisory may connect
+            advisory_claims = insert and self._advisory(alias)
+        if advisory_claims:
             with ExitStack() as transaction:
                 with translate_errors(alias):
                     advisory = cast(
